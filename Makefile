@@ -1,0 +1,68 @@
+# One command per job. Variables (all optional; unset ones fall back to SPEC's YAML, then defaults):
+#   MODEL=<folder|hub id>  ADAPTER=<lora folder>  BACKEND=auto|vllm,chatglmcpp,xinference
+#   QUANT=q4_0  TAG=latest  REGISTRY=<host[:port]/ns>  NAME=llm  SPEC=<build.yaml>
+#   CA_BUNDLE=<pem>  WHEELHOUSE=<dir of wheels>
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BUILDER := $(VENV)/bin/python -m builder
+PYTEST := $(VENV)/bin/python -m pytest
+HARNESS := scripts/harness.sh
+
+# Make variable -> builder flag, only when set (so a SPEC file's values are not overridden).
+flag = $(if $(strip $($(1))),$(2) $(strip $($(1))))
+SPEC_FLAGS = $(call flag,SPEC,--spec) $(call flag,MODEL,--model) $(call flag,ADAPTER,--adapter) \
+	$(call flag,BACKEND,--backend) $(call flag,QUANT,--quant) $(call flag,TAG,--tag) \
+	$(call flag,REGISTRY,--registry) $(call flag,NAME,--name) $(call flag,CA_BUNDLE,--ca-bundle) \
+	$(call flag,WHEELHOUSE,--wheelhouse)
+
+.PHONY: help venv test e2e image push up down smoke demo render lint clean
+
+help: ## list targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]+):.*## (.*)/  make \1\t\2/' | sort
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	# torch pinned first: a bare `torch` would pull a multi-GB CUDA build.
+	CMAKE_POLICY_VERSION_MINIMUM=3.5 $(VENV)/bin/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed ## create .venv with the project and its test extras
+
+test: venv ## unit and integration tests (no Docker)
+	$(PYTEST) -q
+
+e2e: venv ## Docker end-to-end tests (starts a Docker engine and a local registry when none runs)
+	$(HARNESS) engine-up
+	$(HARNESS) registry-up
+	$(PYTEST) -q -m e2e tests/e2e; status=$$?; $(HARNESS) registry-down; $(HARNESS) engine-down; exit $$status
+
+render: venv ## re-render the top-level Dockerfiles and compose.yaml
+	$(BUILDER) render $(call flag,SPEC,--spec) --out .
+
+image: venv ## build images: make image MODEL=... [ADAPTER=...] [BACKEND=...] [QUANT=...]
+	$(BUILDER) build $(SPEC_FLAGS)
+
+push: venv ## push built images: make push REGISTRY=host:port
+	$(BUILDER) push $(SPEC_FLAGS)
+
+up: ## start what `make image` built (docker compose reads .env)
+	docker compose up -d --wait
+
+down: ## stop it
+	docker compose down
+
+smoke: venv ## OpenAI API checks against every service that is up
+	$(BUILDER) smoke-up
+
+demo: venv ## build the embedded demo model, serve it, ask it the LoRA's question
+	$(BUILDER) demo
+
+lint: venv ## hadolint the Dockerfiles, validate compose.yaml
+	$(VENV)/bin/hadolint Dockerfile.vllm Dockerfile.chatglmcpp Dockerfile.xinference
+	docker compose -f compose.yaml config -q
+
+clean: ## remove build outputs (not .venv)
+	rm -rf build .pytest_cache

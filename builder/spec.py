@@ -1,0 +1,304 @@
+"""The build spec: one typed object that every stage receives.
+
+Precedence, highest first: command-line flags (the Makefile turns each Make variable that is set
+into its flag), then the YAML file given with `--spec`, then the defaults below.
+
+Everything here that reaches a Dockerfile, a build arg or compose.yaml is validated against a
+strict grammar, so a model name or path can never inject a line, a quote or a shell expansion.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from builder.errors import BuilderError
+
+Backend = Literal["vllm", "chatglmcpp", "xinference"]
+BACKENDS: tuple[Backend, ...] = ("vllm", "chatglmcpp", "xinference")
+Quant = Literal["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+ModelHub = Literal["auto", "local", "huggingface", "modelscope"]
+
+# OCI distribution-spec reference grammar (docker/distribution reference/regexp.go), anchored.
+_ALNUM = r"[a-z0-9]+"
+_SEP = r"(?:[._]|__|[-]+)"
+_PATH_COMPONENT = rf"{_ALNUM}(?:{_SEP}{_ALNUM})*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
+_TAG = r"[\w][\w.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+_NAME = rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+IMAGE_REF = re.compile(rf"^{_NAME}(?::{_TAG})?(?:@{_DIGEST})?$")
+REPOSITORY = re.compile(rf"^{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*$")
+REGISTRY = re.compile(rf"^{_DOMAIN}(?:/{_PATH_COMPONENT})*$")
+TAG = re.compile(rf"^{_TAG}$")
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+SERVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
+CUDA_ARCHS = re.compile(r"^[0-9]{2,3}[a-z]?(?:;[0-9]{2,3}[a-z]?)*$")
+# A local path may hold spaces, but nothing a shell, Dockerfile or YAML file would interpret.
+SAFE_PATH = re.compile(r"^[A-Za-z0-9_./ +@,=-]+$")
+
+
+def _check(pattern: re.Pattern, value: str, what: str) -> str:
+    if not pattern.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid {what}")
+    return value
+
+
+class BaseImages(BaseModel):
+    """Base image of each stage; real public defaults, overridable (tests use local bases)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    build: str = "nvidia/cuda:12.8.1-devel-ubuntu24.04"
+    vllm: str = "vllm/vllm-openai:v0.33.0"
+    chatglmcpp: str = "python:3.12-slim-bookworm"
+    chatglmcpp_cuda: str = "nvidia/cuda:12.8.1-runtime-ubuntu24.04"
+    xinference: str = "xprobe/xinference:v4.1.0"
+
+    @field_validator("*")
+    @classmethod
+    def _image_ref(cls, v: str) -> str:
+        return _check(IMAGE_REF, v, "image reference (OCI grammar, e.g. python:3.12-slim)")
+
+
+class Ports(BaseModel):
+    """Host ports compose publishes on 127.0.0.1 (containers listen on the same numbers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vllm: int = Field(8000, ge=1, le=65535)
+    chatglmcpp: int = Field(8001, ge=1, le=65535)
+    xinference: int = Field(9997, ge=1, le=65535)
+
+
+class BuildSpec(BaseModel):
+    """What to build. Field docs double as the README's reference table."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str | None = Field(None, description="Local model folder, or a hub id (org/name)")
+    model_hub: ModelHub = Field("auto", description="Where `model` comes from; auto: folder if it exists, else Hugging Face")
+    revision: str | None = Field(None, description="Hub revision (default: main on Hugging Face, master on ModelScope)")
+    adapter: Path | None = Field(None, description="LoRA adapter folder (peft or SWIFT checkpoint-N)")
+    backends: list[Backend] | None = Field(None, description="Backends to build; None = auto (every backend that supports the model)")
+    quant: Quant = Field("q4_0", description="GGML type for chatglm.cpp")
+    served_model_name: str | None = Field(None, description="Name the APIs answer to (default: model folder or repo name)")
+    name: str = Field("llm", description="Image repository name; images are [REGISTRY/]NAME-BACKEND:TAG")
+    tag: str = Field("latest", description="Image tag")
+    registry: str | None = Field(None, description="Registry prefix, e.g. ghcr.io/acme or 127.0.0.1:5000")
+    base_images: BaseImages = Field(default_factory=BaseImages)
+    chatglmcpp_cuda: bool = Field(False, description="Build chatglm.cpp with CUDA (-DGGML_CUDA=ON) on a CUDA 12.x base")
+    cuda_architectures: str = Field("80;86;89;90", description="CMAKE_CUDA_ARCHITECTURES for the CUDA build")
+    ca_bundle: Path | None = Field(None, description="CA bundle for TLS-intercepting proxies (BuildKit secret)")
+    wheelhouse: Path | None = Field(None, description="Folder of local wheels pip uses inside the build")
+    hub_token_env: str = Field("HF_TOKEN", description="Environment variable holding the hub token (BuildKit secret)")
+    api_key_env: str = Field("API_KEY", description="Compose variable holding the API key handed to every backend")
+    trust_remote_code: bool = Field(False, description="Allow code from the model folder (vLLM, Xinference)")
+    xinference_engine: Literal["transformers", "vllm"] = Field("transformers", description="Xinference engine")
+    ports: Ports = Field(default_factory=Ports)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str | None) -> str | None:
+        if v is None or HUB_ID.fullmatch(v):
+            return v
+        return _check(SAFE_PATH, v, "model (a folder path without quotes or shell characters, or a hub id org/name)")
+
+    @field_validator("adapter", "ca_bundle", "wheelhouse")
+    @classmethod
+    def _path(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            _check(SAFE_PATH, str(v), "path (no quotes, newlines or shell characters)")
+        return v
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: str | None) -> str | None:
+        return v if v is None else _check(REVISION, v, "revision (branch, tag or commit)")
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _served(cls, v: str | None) -> str | None:
+        return v if v is None else _check(SERVED_NAME, v, "served model name (letters, digits, . _ : -)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check(REPOSITORY, v, "image repository name (lowercase, OCI grammar)")
+
+    @field_validator("tag")
+    @classmethod
+    def _tag(cls, v: str) -> str:
+        return _check(TAG, v, "image tag")
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, v: str | None) -> str | None:
+        return v if v is None else _check(REGISTRY, v.rstrip("/"), "registry (host[:port][/namespace])")
+
+    @field_validator("hub_token_env", "api_key_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        return _check(ENV_NAME, v, "environment variable name (A-Z, 0-9, _)")
+
+    @field_validator("cuda_architectures")
+    @classmethod
+    def _cuda(cls, v: str) -> str:
+        return _check(CUDA_ARCHS, v, "CUDA architecture list (e.g. 80;86;90)")
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _backends(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = None if v.strip() in ("", "auto") else [b.strip() for b in v.split(",") if b.strip()]
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError("lists a backend twice")
+        return v
+
+    @model_validator(mode="after")
+    def _served_default(self) -> "BuildSpec":
+        if self.served_model_name is None and self.model:
+            stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.model.rstrip("/")).name).strip("-.") or "model"
+            object.__setattr__(self, "served_model_name", stem[:128])
+        return self
+
+    # -- derived values ---------------------------------------------------------------------
+
+    def image(self, backend: Backend) -> str:
+        """`[REGISTRY/]NAME-BACKEND:TAG`, the reference `builder build` tags and compose runs."""
+        prefix = f"{self.registry.rstrip('/')}/" if self.registry else ""
+        return f"{prefix}{self.name}-{backend}:{self.tag}"
+
+    @property
+    def model_source(self) -> Literal["local", "huggingface", "modelscope"]:
+        if self.model_hub != "auto":
+            return self.model_hub
+        if self.model and Path(self.model).is_dir():
+            return "local"
+        if self.model and HUB_ID.fullmatch(self.model):
+            return "huggingface"
+        raise BuilderError(
+            f"model {self.model!r} is neither an existing folder nor a hub id (org/name); "
+            "check the path, or pass --model-hub huggingface|modelscope"
+        )
+
+    @property
+    def hub_revision(self) -> str:
+        return self.revision or ("master" if self.model_source == "modelscope" else "main")
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+# (flag, spec field, click kwargs). The Makefile's variables map onto these flags.
+_FLAGS: list[tuple[str, str, dict]] = [
+    ("--model", "model", {"help": "Model folder or hub id (Make: MODEL)."}),
+    ("--model-hub", "model_hub", {"type": click.Choice(["auto", "local", "huggingface", "modelscope"])}),
+    ("--revision", "revision", {"help": "Hub revision."}),
+    ("--adapter", "adapter", {"help": "LoRA adapter folder (Make: ADAPTER)."}),
+    ("--backend", "backends", {"help": "Comma list of vllm,chatglmcpp,xinference or auto (Make: BACKEND)."}),
+    ("--quant", "quant", {"type": click.Choice(["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]), "help": "GGML type (Make: QUANT)."}),
+    ("--served-model-name", "served_model_name", {}),
+    ("--name", "name", {"help": "Image repository name (Make: NAME)."}),
+    ("--tag", "tag", {"help": "Image tag (Make: TAG)."}),
+    ("--registry", "registry", {"help": "Registry prefix (Make: REGISTRY)."}),
+    ("--build-base", "base_images.build", {"help": "Base image of the build stage."}),
+    ("--vllm-base", "base_images.vllm", {}),
+    ("--chatglmcpp-base", "base_images.chatglmcpp", {}),
+    ("--xinference-base", "base_images.xinference", {}),
+    ("--chatglmcpp-cuda/--no-chatglmcpp-cuda", "chatglmcpp_cuda", {"default": None}),
+    ("--cuda-architectures", "cuda_architectures", {}),
+    ("--ca-bundle", "ca_bundle", {"help": "CA bundle file, a BuildKit secret (Make: CA_BUNDLE)."}),
+    ("--wheelhouse", "wheelhouse", {"help": "Local wheels for pip inside the build (Make: WHEELHOUSE)."}),
+    ("--trust-remote-code/--no-trust-remote-code", "trust_remote_code", {"default": None}),
+    ("--xinference-engine", "xinference_engine", {"type": click.Choice(["transformers", "vllm"])}),
+]
+
+
+def cli_options() -> list:
+    """click options for every spec field a user sets from the command line, plus --spec."""
+    options = [click.option("--spec", "spec_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML build spec (Make: SPEC).")]
+    for flag, field, kwargs in _FLAGS:
+        dest = field.replace(".", "__")
+        options.append(click.option(flag, dest, **{"default": None, **kwargs}))
+    return options
+
+
+def load_spec(flags: dict[str, Any] | None = None, *, resolve: bool = True) -> BuildSpec:
+    """Defaults < YAML file (`spec_file`) < flags. `resolve=True` also checks local paths exist."""
+    flags = dict(flags or {})
+    data: dict[str, Any] = {}
+    spec_file = flags.pop("spec_file", None)
+    if spec_file is not None:
+        data = _read_yaml(Path(spec_file))
+    for key, value in flags.items():
+        if value is None:
+            continue
+        *parents, leaf = key.split("__")
+        target = data
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = value
+    try:
+        spec = BuildSpec.model_validate(data)
+    except ValidationError as e:
+        raise BuilderError(_explain(e)) from None
+    if resolve:
+        check_paths(spec)
+    return spec
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise BuilderError(f"spec file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise BuilderError(f"spec file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise BuilderError(f"spec file {path} must hold a mapping of fields, e.g. `model: ./my-model`")
+    if isinstance(data.get("backend"), str) and "backends" not in data:
+        data["backends"] = data.pop("backend")
+    return data
+
+
+def _explain(e: ValidationError) -> str:
+    lines = ["invalid build spec:"]
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "spec"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def check_paths(spec: BuildSpec) -> None:
+    """Fail early, with what to do, when a local input is missing."""
+    if not spec.model:
+        raise BuilderError("no model given: pass MODEL=<folder or hub id> (or --model), or run `make demo`")
+    if spec.model_source == "local" and not (Path(spec.model) / "config.json").is_file():
+        raise BuilderError(f"model folder {spec.model} has no config.json: point MODEL at a Hugging Face-format model folder")
+    for field in ("adapter", "ca_bundle", "wheelhouse"):
+        path = getattr(spec, field)
+        if path is not None and not path.exists():
+            raise BuilderError(f"{field} {path} does not exist")
+    if spec.adapter is not None and not spec.adapter.is_dir():
+        raise BuilderError(f"adapter {spec.adapter} must be a folder (peft adapter or SWIFT checkpoint-N)")
+
+
+def read_model_config(spec: BuildSpec) -> dict[str, Any] | None:
+    """config.json of a local model, or None for hub models (not reachable before the build)."""
+    if spec.model_source != "local":
+        return None
+    try:
+        return json.loads((Path(spec.model) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BuilderError(f"cannot read {spec.model}/config.json: {e}") from None
