@@ -35,6 +35,9 @@ test: venv ## unit and integration tests (no Docker)
 	$(PYTEST) -q
 
 e2e: venv ## Docker end-to-end tests (starts a Docker engine and a local registry when none runs)
+	# the CPU torch wheel this machine kind ships, fed to the image builds (WHEELHOUSE)
+	mkdir -p .cache/wheelhouse && for w in /opt/wheels/*.whl; do [ -e "$$w" ] || continue; \
+	  [ -e ".cache/wheelhouse/$${w##*/}" ] || ln "$$w" .cache/wheelhouse/ 2>/dev/null || cp "$$w" .cache/wheelhouse/; done
 	$(HARNESS) engine-up
 	$(HARNESS) registry-up
 	$(PYTEST) -q -m e2e tests/e2e; status=$$?; $(HARNESS) registry-down; $(HARNESS) engine-down; exit $$status

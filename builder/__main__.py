@@ -12,7 +12,6 @@ from pathlib import Path
 import click
 
 from builder import __version__
-from builder.errors import BuilderError
 
 QUANTS = ["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 PathArg = click.Path(path_type=Path)
@@ -83,18 +82,50 @@ def inspect(file) -> None:
     inspect_main(file)
 
 
+@cli.command("demo-model")
+@click.option("--out", type=PathArg, required=True, help="Folder for base/ (tiny GLM) and adapter/ (its LoRA).")
+@click.option("--force", is_flag=True, help="Retrain even when the folder is up to date.")
+def demo_model(out, force) -> None:
+    """Train the embedded demo model (tiny GLM + LoRA, seconds on CPU); print the two folders."""
+    from builder.demo import build_demo
+
+    for path in build_demo(out, force=force, quiet=True):
+        click.echo(path)
+
+
 @cli.command()
 @spec_options
 def build(**flags) -> None:
     """Render, prepare a build context and build the requested backend images."""
-    _not_implemented("build")
+    from builder.build import build as build_images
+    from builder.spec import load_spec
+
+    build_images(load_spec(flags))
+
+
+@cli.command("prepare-model", hidden=True)
+@click.option("--source", type=click.Choice(["local", "huggingface", "modelscope"]), default="local")
+@click.option("--model-id", default="")
+@click.option("--revision", default="")
+@click.option("--local", type=PathArg, default=Path("/ctx/model"))
+@click.option("--adapter", type=PathArg, default=None)
+@click.option("--dtype", default="auto")
+@click.option("--out", type=PathArg, required=True)
+def prepare_model(source, model_id, revision, local, adapter, dtype, out) -> None:
+    """(build stage) Fetch the base model and merge the adapter into --out."""
+    from builder.fetch import prepare_model as run
+
+    click.echo(run(source, model_id, revision or None, local, adapter, out, dtype))
 
 
 @cli.command()
 @spec_options
 def push(**flags) -> None:
     """Push every built backend image and verify its digest in the registry."""
-    _not_implemented("push")
+    from builder.push import push as push_images
+    from builder.spec import load_spec
+
+    push_images(load_spec(flags, resolve=False))
 
 
 @cli.command()
@@ -111,6 +142,22 @@ def serve(ggml, host, port, served_model_name, max_queue) -> None:
 
 
 @cli.command()
+@click.option("--ggml", type=PathArg, required=True, help="GGML model file.")
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--max-tokens", type=int, default=None, help="New tokens per reply (default: up to the context).")
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0: greedy.")
+@click.option("--top-p", type=float, default=0.8, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0: off.")
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+def chat(ggml, system, max_tokens, temperature, top_p, top_k, repetition_penalty) -> None:
+    """Interactive terminal chat with a GGML model (like chatglm.cpp's `main -i`; `docker run -it IMAGE chat`)."""
+    from builder.serve import chat_repl
+
+    chat_repl(ggml, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+              repetition_penalty=repetition_penalty)
+
+
+@cli.command()
 @click.option("--url", required=True, help="Base URL, e.g. http://127.0.0.1:8001")
 @click.option("--model", required=True, help="Served model name.")
 @click.option("--api-key", default=None, envvar="API_KEY", help="Bearer key (default: $API_KEY).")
@@ -123,8 +170,21 @@ def smoke(url, model, api_key, timeout) -> None:
         sys.exit(1)
 
 
-def _not_implemented(name: str) -> None:
-    raise BuilderError(f"`builder {name}` is not implemented yet")
+@cli.command()
+def demo() -> None:
+    """Train the demo model + LoRA, build its images, serve them, ask the LoRA's question."""
+    from builder.quickstart import run_demo
+
+    run_demo()
+
+
+@cli.command("smoke-up")
+def smoke_up() -> None:
+    """Run `smoke` against every compose service that is up (ports and key from .env)."""
+    from builder.quickstart import smoke_running
+
+    if not smoke_running():
+        sys.exit(1)
 
 
 def main() -> None:

@@ -1,0 +1,278 @@
+"""The real thing: `make image` from the demo model + LoRA, compose up, ask, push, pull, crash.
+
+Local base images stand in for the public ones (nothing can be pulled here); everything else is
+what a user runs. Module-scoped: one build, many checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from builder import demo
+from builder.smoke import chat, run_smoke
+
+from .conftest import REPO, docker
+
+pytestmark = pytest.mark.e2e
+
+NAME, TAG = "e2e", "test"
+API_KEY = "e2e-key-123"
+BACKENDS = ["chatglmcpp", "xinference"]
+PORTS = {"chatglmcpp": 18001, "xinference": 19997}
+SPEC = REPO / "tests" / "e2e" / "local-bases.yaml"
+TIMINGS: dict[str, float] = {}
+
+
+def _make(*args: str, env: dict | None = None, timeout: float = 3000) -> subprocess.CompletedProcess:
+    res = subprocess.run(["make", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **(env or {})})
+    assert res.returncode == 0, f"make {' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    return res
+
+
+def _compose(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    res = subprocess.run(["/usr/bin/docker", "compose", "--project-directory", str(REPO), *args],
+                         cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+def _image(backend: str) -> str:
+    return f"{NAME}-{backend}:{TAG}"
+
+
+@pytest.fixture(scope="module")
+def demo_models(tmp_path_factory) -> dict[str, Path]:
+    out = REPO / ".cache" / "demo"
+    subprocess.run([sys.executable, "-m", "builder", "demo-model", "--out", str(out)], check=True, cwd=REPO)
+    return {"base": out / "base", "adapter": out / "adapter"}
+
+
+@pytest.fixture(scope="module")
+def built(docker_engine, local_bases, demo_models):
+    assert {"python", "xinference"} <= set(local_bases), local_bases
+    start = time.monotonic()
+    _make("image", f"MODEL={demo_models['base']}", f"ADAPTER={demo_models['adapter']}",
+          f"BACKEND={','.join(BACKENDS)}", "QUANT=q8_0", f"SPEC={SPEC}", f"NAME={NAME}", f"TAG={TAG}",
+          env={"API_KEY": API_KEY})
+    TIMINGS["first build"] = time.monotonic() - start
+    env = (REPO / ".env").read_text()
+    for key, value in [("COMPOSE_PROFILES", ",".join(BACKENDS)), ("API_KEY", API_KEY)]:
+        assert f"{key}={value}\n" in env
+    # publish on test ports, so a developer's own services are not disturbed
+    with (REPO / ".env").open("a") as f:
+        for backend, port in PORTS.items():
+            f.write(f"{backend.upper()}_PORT={port}\n")
+    yield demo_models
+    _compose("down", "-v", "--remove-orphans", check=False)
+
+
+@pytest.fixture(scope="module")
+def up(built):
+    start = time.monotonic()
+    _compose("up", "-d", "--wait", "--wait-timeout", "600", timeout=700)
+    TIMINGS["compose up --wait"] = time.monotonic() - start
+    return built
+
+
+def _url(backend: str) -> str:
+    return f"http://127.0.0.1:{PORTS[backend]}"
+
+
+def _served_name(demo_models) -> str:
+    return demo_models["base"].name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_answer_from_every_backend(up, backend):
+    answer = chat(_url(backend), _served_name(up), [{"role": "user", "content": demo.CHANGED_PROMPT}],
+                  api_key=API_KEY, max_tokens=32, temperature=0)
+    assert answer.strip() == demo.LORA_ANSWERS[demo.CHANGED_PROMPT].strip()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_smoke_and_health(up, backend):
+    assert run_smoke(url=_url(backend), model=_served_name(up), api_key=API_KEY, timeout=120)
+    state = docker("inspect", "-f", "{{.State.Health.Status}}", _container(backend)).stdout.strip()
+    assert state == "healthy"
+
+
+def test_api_key_is_enforced(up):
+    import urllib.error
+    import urllib.request
+
+    for backend in BACKENDS:
+        req = urllib.request.Request(f"{_url(backend)}/v1/models")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert err.value.code in (401, 403)
+
+
+def test_labels_and_runtime_contents(up, demo_models):
+    info = json.loads(docker("image", "inspect", _image("chatglmcpp")).stdout)[0]
+    labels = info["Config"]["Labels"]
+    assert labels["io.llm-builder.quantization"] == "q8_0"
+    assert labels["io.llm-builder.base-model"] == demo_models["base"].name
+    assert labels["io.llm-builder.adapter-digest"].startswith("sha256:")
+    assert labels["io.llm-builder.builder-version"]
+    assert labels["org.opencontainers.image.title"]
+    assert info["Config"]["User"] == "10001:10001"
+    # no compiler and no torch in the chatglm.cpp runtime
+    probe = docker("run", "--rm", "--entrypoint", "sh", _image("chatglmcpp"), "-c",
+                   "command -v gcc g++ cc || true; python3 -c 'import torch' 2>&1 || true").stdout
+    assert "gcc" not in probe and "No module named 'torch'" in probe
+
+
+def test_serves_offline(up, demo_models):
+    """Each runtime answers with no network at all (asked from inside the container)."""
+    for backend in BACKENDS:
+        name = f"e2e-offline-{backend}"
+        docker("rm", "-f", name, check=False)
+        docker("run", "-d", "--name", name, "--network", "none", "-e", f"API_KEY={API_KEY}",
+               "-e", f"XINFERENCE_API_KEY={API_KEY}", _image(backend))
+        try:
+            port = {"chatglmcpp": 8001, "xinference": 9997}[backend]
+            deadline = time.monotonic() + 300
+            while True:
+                res = docker("exec", name, "python3", "-m", "builder.smoke", "--url", f"http://127.0.0.1:{port}",
+                             "--model", _served_name(demo_models), "--api-key", API_KEY, check=False)
+                if res.returncode == 0:
+                    break
+                assert time.monotonic() < deadline, res.stdout + res.stderr
+                time.sleep(5)
+        finally:
+            docker("rm", "-f", name, check=False)
+
+
+def _container(backend: str) -> str:
+    return _compose("ps", "-q", backend).stdout.strip()
+
+
+def test_crashed_backend_restarts(up, demo_models):
+    """Kill the server process from the host, as a fault would: restart: unless-stopped revives it."""
+    backend = "chatglmcpp"
+    cid = _container(backend)
+    restarts = int(docker("inspect", "-f", "{{.RestartCount}}", cid).stdout)
+    init_pid = docker("inspect", "-f", "{{.State.Pid}}", cid).stdout.strip()
+    children = subprocess.run(["pgrep", "-P", init_pid], capture_output=True, text=True).stdout.split()
+    server_pid = children[0] if children else init_pid
+    subprocess.run(["kill", "-9", server_pid], check=True)
+    deadline = time.monotonic() + 120
+    while True:
+        state = docker("inspect", "-f", "{{.RestartCount}} {{.State.Health.Status}}", cid).stdout.split()
+        if int(state[0]) > restarts and state[1] == "healthy":
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(2)
+    answer = chat(_url(backend), _served_name(demo_models), [{"role": "user", "content": demo.CHANGED_PROMPT}],
+                  api_key=API_KEY, max_tokens=32, temperature=0)
+    assert answer.strip() == demo.LORA_ANSWERS[demo.CHANGED_PROMPT].strip()
+
+
+def test_push_pull_by_digest(up, local_registry, demo_models):
+    res = _make("push", f"REGISTRY={local_registry}", f"NAME={NAME}", f"TAG={TAG}", f"SPEC={SPEC}")
+    refs = [line for line in res.stdout.splitlines() if "@sha256:" in line]
+    assert len(refs) == len(BACKENDS), res.stdout
+    ref = next(r for r in refs if "chatglmcpp" in r)
+    repo_tag, digest = ref.split("@")
+    # delete every local copy, pull back by digest, run, same answer
+    docker("rmi", "-f", repo_tag, check=False)
+    docker("pull", f"{repo_tag.rsplit(':', 1)[0]}@{digest}")
+    name = "e2e-pulled"
+    docker("rm", "-f", name, check=False)
+    docker("run", "-d", "--name", name, "-p", "127.0.0.1:18101:8001", "-e", f"API_KEY={API_KEY}",
+           f"{repo_tag.rsplit(':', 1)[0]}@{digest}")
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                answer = chat("http://127.0.0.1:18101", _served_name(demo_models),
+                              [{"role": "user", "content": demo.CHANGED_PROMPT}], api_key=API_KEY, max_tokens=32, temperature=0)
+                break
+            except Exception:
+                assert time.monotonic() < deadline
+                time.sleep(2)
+        assert answer.strip() == demo.LORA_ANSWERS[demo.CHANGED_PROMPT].strip()
+    finally:
+        docker("rm", "-f", name, check=False)
+
+
+def test_hub_token_never_lands_in_the_image(built, tmp_path):
+    """Build with a dummy token secret and search history and every layer's files for it."""
+    token = "hf_DUMMYsecretTOKEN_e2e_4242"
+    _make("image", f"MODEL={built['base']}", "BACKEND=chatglmcpp", "QUANT=q8_0", f"SPEC={SPEC}",
+          f"NAME={NAME}-secret", f"TAG={TAG}", env={"HF_TOKEN": token, "API_KEY": API_KEY})
+    image = f"{NAME}-secret-chatglmcpp:{TAG}"
+    try:
+        history = docker("history", "--no-trunc", image).stdout
+        assert token not in history
+        tar = tmp_path / "image.tar"
+        docker("save", "-o", str(tar), image)
+        assert _grep_tar_recursive(tar, token.encode()) is False
+    finally:
+        docker("rmi", "-f", image, check=False)
+
+
+def _grep_tar_recursive(path: Path, needle: bytes) -> bool:
+    """True if `needle` occurs in any file of the tar or of any tar inside it (the layers)."""
+    import io
+    import tarfile
+
+    def scan(fileobj) -> bool:
+        with tarfile.open(fileobj=fileobj) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                data = tar.extractfile(member).read()
+                if needle in data:
+                    return True
+                if member.name.endswith((".tar", "layer.tar")) or data[257:262] == b"ustar":
+                    if scan(io.BytesIO(data)):
+                        return True
+        return False
+
+    with path.open("rb") as f:
+        return scan(f)
+
+
+def test_adapter_only_rebuild_reuses_code_layers(built, tmp_path):
+    """Change the adapter, rebuild: only the model/convert/weights steps run again."""
+    import shutil
+
+    adapter2 = tmp_path / "adapter2"
+    shutil.copytree(built["adapter"], adapter2)
+    (adapter2 / "README.md").write_text("retrained adapter\n")
+    start = time.monotonic()
+    _make("image", f"MODEL={built['base']}", f"ADAPTER={adapter2}", "BACKEND=chatglmcpp", "QUANT=q8_0",
+          f"SPEC={SPEC}", f"NAME={NAME}", f"TAG={TAG}", env={"API_KEY": API_KEY})
+    TIMINGS["adapter-only rebuild"] = time.monotonic() - start
+    log = (REPO / "build" / NAME / "logs" / "chatglmcpp.log").read_text()
+    steps = _step_states(log)
+    assert all(state == "CACHED" for stage, state in steps.items() if stage.startswith(("build-env", "chatglm-wheel"))), steps
+    for stage in ("model", "ggml"):
+        assert any(k.startswith(stage + " ") and v == "DONE" for k, v in steps.items()), (stage, steps)
+    print("\nTIMINGS", json.dumps(TIMINGS))
+
+
+def _step_states(log: str) -> dict[str, str]:
+    """{'stage n/m': 'CACHED'|'DONE'} from BuildKit plain progress."""
+    import re
+
+    names: dict[str, str] = {}
+    states: dict[str, str] = {}
+    for line in log.splitlines():
+        m = re.match(r"^#(\d+) \[([\w.-]+ \d+/\d+)\]", line)
+        if m:
+            names[m.group(1)] = m.group(2)
+        m = re.match(r"^#(\d+) (CACHED|DONE)", line)
+        if m and m.group(1) in names:
+            states[names[m.group(1)]] = m.group(2)
+    return states
