@@ -19,6 +19,10 @@ from typing import Callable, Iterable
 from builder.errors import BuilderError
 
 
+# Debian's docker.io client (20.10) still drives BuildKit itself under DOCKER_BUILDKIT=1.
+FALLBACK_CLIENT = "/usr/bin/docker"
+
+
 @dataclass
 class BuildFailure:
     stage: str
@@ -37,10 +41,10 @@ class Docker:
 
     @classmethod
     def detect(cls) -> "Docker":
-        candidates = [os.environ.get("DOCKER", ""), shutil.which("docker") or "", "/usr/bin/docker"]
+        candidates = [os.environ.get("DOCKER", ""), shutil.which("docker") or "", FALLBACK_CLIENT]
         seen: list[str] = []
         for client in filter(None, candidates):
-            if client in seen or not Path(client).exists() and not shutil.which(client):
+            if client in seen or not shutil.which(client):
                 continue
             seen.append(client)
             if _run([client, "buildx", "version"]).returncode == 0:
@@ -89,7 +93,7 @@ class Docker:
         argv.append(str(context))
         env = {**os.environ, "DOCKER_BUILDKIT": "1"}
         log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as out:
+        with log.open("w", buffering=1) as out:  # line-buffered: the log is followed live
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             lines: list[str] = []
             assert proc.stdout is not None

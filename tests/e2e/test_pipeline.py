@@ -18,7 +18,7 @@ import pytest
 from builder import demo
 from builder.smoke import chat, run_smoke
 
-from .conftest import REPO, docker
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.e2e
 
@@ -28,6 +28,14 @@ BACKENDS = ["chatglmcpp", "xinference"]
 PORTS = {"chatglmcpp": 18001, "xinference": 19997}
 SPEC = REPO / "tests" / "e2e" / "local-bases.yaml"
 TIMINGS: dict[str, float] = {}
+
+
+def docker(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    res = subprocess.run(["/usr/bin/docker", *args], capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "DOCKER_BUILDKIT": "1"})
+    if check:
+        assert res.returncode == 0, f"docker {' '.join(args)}: {res.stdout[-3000:]}{res.stderr[-3000:]}"
+    return res
 
 
 def _make(*args: str, env: dict | None = None, timeout: float = 3000) -> subprocess.CompletedProcess:
