@@ -129,10 +129,11 @@ def push(**flags) -> None:
 
 
 @cli.command()
-@click.option("--ggml", type=PathArg, required=True, help="GGML model file.")
+@click.option("--ggml", type=PathArg, required=True, envvar="GGML_MODEL", help="GGML model file ($GGML_MODEL).")
 @click.option("--host", default="0.0.0.0", show_default=True)
-@click.option("--port", type=int, default=8001, show_default=True)
-@click.option("--served-model-name", default=None, help="Model name the API answers to (default: file stem).")
+@click.option("--port", type=int, default=8001, envvar="PORT", show_default=True, help="($PORT)")
+@click.option("--served-model-name", default=None, envvar="SERVED_MODEL_NAME",
+              help="Model name the API answers to ($SERVED_MODEL_NAME; default: file stem).")
 @click.option("--max-queue", type=int, default=16, show_default=True, help="Requests waiting beyond this get 503.")
 def serve(ggml, host, port, served_model_name, max_queue) -> None:
     """OpenAI-compatible server over chatglm_cpp.Pipeline (API key from $API_KEY)."""
@@ -142,7 +143,7 @@ def serve(ggml, host, port, served_model_name, max_queue) -> None:
 
 
 @cli.command()
-@click.option("--ggml", type=PathArg, required=True, help="GGML model file.")
+@click.option("--ggml", type=PathArg, required=True, envvar="GGML_MODEL", help="GGML model file ($GGML_MODEL).")
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--max-tokens", type=int, default=None, help="New tokens per reply (default: up to the context).")
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="0: greedy.")
