@@ -18,10 +18,12 @@ SPEC_FLAGS = $(call flag,SPEC,--spec) $(call flag,MODEL,--model) $(call flag,ADA
 	$(call flag,REGISTRY,--registry) $(call flag,NAME,--name) $(call flag,CA_BUNDLE,--ca-bundle) \
 	$(call flag,WHEELHOUSE,--wheelhouse)
 
-.PHONY: help venv test e2e image push up down smoke demo render lint clean
+.PHONY: help venv test e2e image push up down smoke demo render lint clean wheelhouse
+
+include mk/xinference.mk mk/vllm.mk
 
 help: ## list targets
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]+):.*## (.*)/  make \1\t\2/' | sort
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]+):.*## (.*)/  make \1\t\2/' | sort
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -31,13 +33,14 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv with the project and its test extras
 
-test: venv ## unit and integration tests (no Docker)
+test: venv xinference-venv ## unit and integration tests (no Docker)
 	$(PYTEST) -q
 
-e2e: venv ## Docker end-to-end tests (starts a Docker engine and a local registry when none runs)
-	# the CPU torch wheel this machine kind ships, fed to the image builds (WHEELHOUSE)
+wheelhouse: ## .cache/wheelhouse: the CPU torch wheel this machine kind ships, for image builds
 	mkdir -p .cache/wheelhouse && for w in /opt/wheels/*.whl; do [ -e "$$w" ] || continue; \
 	  [ -e ".cache/wheelhouse/$${w##*/}" ] || ln "$$w" .cache/wheelhouse/ 2>/dev/null || cp "$$w" .cache/wheelhouse/; done
+
+e2e: venv wheelhouse ## Docker end-to-end tests (starts a Docker engine and a local registry when none runs)
 	$(HARNESS) engine-up
 	$(HARNESS) registry-up
 	$(PYTEST) -q -m e2e tests/e2e; status=$$?; $(HARNESS) registry-down; $(HARNESS) engine-down; exit $$status

@@ -10,9 +10,7 @@
 
 .PHONY: e2e-vllm
 
-e2e-vllm: venv ## vLLM image end-to-end tests (builds the ~9 GB local vLLM base on first run)
-	mkdir -p .cache/wheelhouse && for w in /opt/wheels/*.whl; do [ -e "$$w" ] || continue; \
-	  [ -e ".cache/wheelhouse/$${w##*/}" ] || ln "$$w" .cache/wheelhouse/ 2>/dev/null || cp "$$w" .cache/wheelhouse/; done
+e2e-vllm: venv wheelhouse ## vLLM image end-to-end tests (builds the ~9 GB local vLLM base on first run)
 	$(HARNESS) engine-up
 	HARNESS_BASES=vllm $(HARNESS) bases
 	HARNESS_BASES=vllm $(PYTEST) -q -rs -m e2e tests/e2e/test_vllm.py; status=$$?; $(HARNESS) engine-down; exit $$status

@@ -324,6 +324,13 @@ build_dockerfile_base() {
     log "bases: $image is stale (Dockerfile changed), rebuilding"
   fi
   [ -r "$CA_BUNDLE" ] || die "bases: CA bundle $CA_BUNDLE not readable"
+  # The bases bind-mount wheels/ (git-ignored): this machine kind's CPU torch wheel, from /opt/wheels.
+  mkdir -p "$BASES_DIR/wheels"
+  local w
+  for w in /opt/wheels/*.whl; do
+    [ -e "$w" ] || continue
+    [ -e "$BASES_DIR/wheels/${w##*/}" ] || ln "$w" "$BASES_DIR/wheels/" 2>/dev/null || cp "$w" "$BASES_DIR/wheels/"
+  done
   log "bases: building $image from scripts/bases/$name.Dockerfile"
   local t0=$SECONDS
   run env DOCKER_BUILDKIT=1 "$DEBIAN_DOCKER" build --progress=plain \
