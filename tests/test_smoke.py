@@ -71,11 +71,14 @@ def test_base_url_normalization():
     assert smoke.base_url("http://h:1/v1/") == smoke.base_url("http://h:1/") == "http://h:1"
 
 
-def fake_server_app(*, done: bool = True, usage: bool = True, text_type=str) -> FastAPI:
+def fake_server_app(*, done: bool = True, usage: bool = True, text_type=str, uncounted: bool = False,
+                    broken_completions: bool = False) -> FastAPI:
     """A minimal OpenAI-ish server; flags switch on the deviations seen in the wild (the bundled
     chatglm_cpp.openai_api never sends [DONE])."""
     app = FastAPI()
     use = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5} if usage else None
+    if uncounted:  # Xinference's transformers engine
+        use = {"prompt_tokens": -1, "completion_tokens": -1, "total_tokens": -1}
 
     @app.get("/v1/models")
     def models():
@@ -83,6 +86,8 @@ def fake_server_app(*, done: bool = True, usage: bool = True, text_type=str) -> 
 
     @app.post("/v1/completions")
     def completions():
+        if broken_completions:
+            raise RuntimeError("Subclasses must implement _direct_generate")
         text = "ok" if text_type is str else ["ok"]
         return {"object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
                 "usage": use}
@@ -112,6 +117,8 @@ def fake_server_app(*, done: bool = True, usage: bool = True, text_type=str) -> 
         ({"done": False}, {"POST /v1/chat/completions stream"}),
         ({"usage": False}, {"POST /v1/completions", "POST /v1/chat/completions"}),
         ({"text_type": list}, {"POST /v1/completions"}),
+        ({"uncounted": True}, set()),
+        ({"broken_completions": True}, {"POST /v1/completions"}),
     ],
 )
 def test_smoke_detects_deviations(flags, failing):
@@ -152,3 +159,12 @@ def test_cli_serve_and_smoke_subprocesses(ggml, tmp_path):
         server_log = log.read()
         log.close()
     assert "Traceback" not in server_log, server_log
+
+
+def test_skipped_checks_are_reported_not_run():
+    with ServerThread(fake_server_app(broken_completions=True)) as s:
+        results = smoke.smoke_checks(s.url, NAME, timeout=30, skip=smoke.BACKEND_GAPS["xinference"])
+    skipped = [r.name for r in results if r.skipped]
+    assert skipped == ["POST /v1/completions"] and all(r.ok for r in results)
+    with pytest.raises(ValueError, match="unknown check"):
+        smoke.smoke_checks("http://127.0.0.1:9", NAME, skip=frozenset({"nope"}))
