@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 
 from builder import __version__
+from builder.convert import QUANTS
 
-QUANTS = ["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 PathArg = click.Path(path_type=Path)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import click
 import yaml
@@ -206,7 +206,7 @@ _FLAGS: list[tuple[str, str, dict]] = [
     ("--revision", "revision", {"help": "Hub revision."}),
     ("--adapter", "adapter", {"help": "LoRA adapter folder (Make: ADAPTER)."}),
     ("--backend", "backends", {"help": "Comma list of vllm,chatglmcpp,xinference or auto (Make: BACKEND)."}),
-    ("--quant", "quant", {"type": click.Choice(["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]), "help": "GGML type (Make: QUANT)."}),
+    ("--quant", "quant", {"type": click.Choice(list(get_args(Quant))), "help": "GGML type (Make: QUANT)."}),
     ("--served-model-name", "served_model_name", {}),
     ("--name", "name", {"help": "Image repository name (Make: NAME)."}),
     ("--tag", "tag", {"help": "Image tag (Make: TAG)."}),

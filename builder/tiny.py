@@ -12,23 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# The 14 GLM-4 special tokens, in the order chatglm.cpp assigns ids N..N+13 after the regular vocab.
-GLM4_SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "[MASK]",
-    "[gMASK]",
-    "[sMASK]",
-    "<sop>",
-    "<eop>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
-    "<|begin_of_image|>",
-    "<|end_of_image|>",
-    "<|begin_of_video|>",
-    "<|end_of_video|>",
-]
+from builder.convert.vocab import GLM4_SPECIAL_TOKENS, bytes_to_unicode  # noqa: F401 (re-exported)
 
 # GLM-4's tiktoken split regex (cl100k style, digits in runs of 1..3), as in tokenization_chatglm.py.
 GLM4_PAT_STR = (
@@ -63,19 +47,6 @@ DEFAULT_CORPUS = [
     "Mixed 中英文 text with code `x = 1` and emoji 🙂 in one line.\r\nWindows newline above.",
     "   leading spaces, trailing tabs\t\t and   multiple   spaces   inside.\n\n\nBlank lines above.",
 ]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable unicode char map, the alphabet of byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def _tiktoken_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
@@ -121,7 +92,7 @@ def build_glm_tokenizer(out_dir: Path, corpus: list[str] | None = None, vocab_si
     trained = trainer_tok.get_vocab()  # token -> id, merged tokens in merge order after the alphabet
 
     # 2. Ranks: the 256 single bytes first (by byte value), then merged tokens in training order.
-    byte_chars = [_bytes_to_unicode()[b] for b in range(256)]
+    byte_chars = [bytes_to_unicode()[b] for b in range(256)]
     vocab = {ch: i for i, ch in enumerate(byte_chars)}
     for token, _ in sorted(trained.items(), key=lambda kv: kv[1]):
         if token not in vocab:

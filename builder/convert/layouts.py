@@ -185,19 +185,7 @@ class GlmToChatGLM(MutableMapping):
         self.extra: dict[str, torch.Tensor] = {}
 
     def names(self) -> list[str]:
-        names = ["transformer.embedding.word_embeddings.weight"]
-        for i in range(self.num_layers):
-            p = f"transformer.encoder.layers.{i}."
-            names += [
-                p + "input_layernorm.weight",
-                p + "self_attention.query_key_value.weight",
-                p + "self_attention.query_key_value.bias",
-                p + "self_attention.dense.weight",
-                p + "post_attention_layernorm.weight",
-                p + "mlp.dense_h_to_4h.weight",
-                p + "mlp.dense_4h_to_h.weight",
-            ]
-        return names + ["transformer.encoder.final_layernorm.weight", "transformer.output_layer.weight"]
+        return chatglm_tensor_names(self.num_layers)
 
     def _src(self, name: str) -> str:
         simple = {
@@ -270,12 +258,12 @@ class GlmToChatGLM(MutableMapping):
         return [n for n in need if n not in self.t]
 
 
-def chatglm_missing(tensors: LazyTensors, num_layers: int, pre_seq_len: int) -> list[str]:
-    """Tensors an original ChatGLM2/3/GLM-4 checkpoint must hold for chatglm.cpp's layout."""
-    need = ["transformer.embedding.word_embeddings.weight"]
+def chatglm_tensor_names(num_layers: int) -> list[str]:
+    """The tensors of chatglm.cpp's ChatGLM2/3 and GLM-4 layout, in writing order."""
+    names = ["transformer.embedding.word_embeddings.weight"]
     for i in range(num_layers):
         p = f"transformer.encoder.layers.{i}."
-        need += [
+        names += [
             p + "input_layernorm.weight",
             p + "self_attention.query_key_value.weight",
             p + "self_attention.query_key_value.bias",
@@ -284,7 +272,12 @@ def chatglm_missing(tensors: LazyTensors, num_layers: int, pre_seq_len: int) -> 
             p + "mlp.dense_h_to_4h.weight",
             p + "mlp.dense_4h_to_h.weight",
         ]
-    need += ["transformer.encoder.final_layernorm.weight", "transformer.output_layer.weight"]
+    return names + ["transformer.encoder.final_layernorm.weight", "transformer.output_layer.weight"]
+
+
+def chatglm_missing(tensors: LazyTensors, num_layers: int, pre_seq_len: int) -> list[str]:
+    """Tensors an original ChatGLM2/3/GLM-4 checkpoint must hold for chatglm.cpp's layout."""
+    need = chatglm_tensor_names(num_layers)
     if pre_seq_len:
         need.append("transformer.prefix_encoder.embedding.weight")
     return [n for n in need if n not in tensors]

@@ -36,8 +36,8 @@ GLM4_SPECIAL_TOKENS = [
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]*={0,2} \d+$")
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's byte -> unicode map used by byte-level BPE vocabularies."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable unicode char map, the alphabet of byte-level BPE vocabularies."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -46,7 +46,12 @@ def _byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of bytes_to_unicode: vocabulary characters back to bytes."""
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def is_tiktoken_file(path: Path) -> bool:
