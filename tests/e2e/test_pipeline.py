@@ -273,14 +273,14 @@ def test_adapter_only_rebuild_reuses_code_layers(built, tmp_path):
 
 
 def _step_states(log: str) -> dict[str, str]:
-    """{'stage n/m': 'CACHED'|'DONE'} from BuildKit plain progress."""
+    """{'stage n/m': 'CACHED'|'DONE'} for every step but FROM, from BuildKit plain progress."""
     import re
 
     names: dict[str, str] = {}
     states: dict[str, str] = {}
     for line in log.splitlines():
-        m = re.match(r"^#(\d+) \[([\w.-]+ \d+/\d+)\]", line)
-        if m:
+        m = re.match(r"^#(\d+) \[([\w.-]+ \d+/\d+)\] (\w+)", line)
+        if m and m.group(3) != "FROM":  # a FROM step always reports DONE (it resolves the base)
             names[m.group(1)] = m.group(2)
         m = re.match(r"^#(\d+) (CACHED|DONE)", line)
         if m and m.group(1) in names:
