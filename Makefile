@@ -63,7 +63,7 @@ down: ## stop it
 smoke: venv ## OpenAI API checks against every service that is up
 	$(BUILDER) smoke-up
 
-demo: venv ## build the embedded demo model, serve it, ask it the LoRA's question
+demo: venv wheelhouse ## build the embedded demo model, serve it, ask it the LoRA's question
 	$(BUILDER) demo
 
 lint: venv ## hadolint the Dockerfiles, validate compose.yaml

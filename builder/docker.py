@@ -129,8 +129,8 @@ class Docker:
             raise BuilderError(f"pushing {ref}: the registry reported no digest")
         return match.group(1)
 
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        res = _run([self.client, *args])
+    def run(self, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        res = _run([self.client, *args], env={**os.environ, **env} if env else None)
         if check and res.returncode != 0:
             raise BuilderError(f"`docker {' '.join(args)}` failed: {res.stderr.strip()}")
         return res

@@ -7,7 +7,6 @@ client's own credentials) and compared; any mismatch or failure names the image 
 from __future__ import annotations
 
 import json
-import os
 
 from rich.console import Console
 
@@ -20,15 +19,9 @@ console = Console(stderr=True)
 
 def registry_digest(docker: Docker, ref: str) -> str:
     """The manifest digest the registry serves for `ref`."""
-    env_backup = os.environ.get("DOCKER_CLI_EXPERIMENTAL")
-    os.environ["DOCKER_CLI_EXPERIMENTAL"] = "enabled"  # `docker manifest` on 20.x clients
-    try:
-        res = docker.run("manifest", "inspect", "--insecure", "--verbose", ref, check=False)
-    finally:
-        if env_backup is None:
-            os.environ.pop("DOCKER_CLI_EXPERIMENTAL", None)
-        else:
-            os.environ["DOCKER_CLI_EXPERIMENTAL"] = env_backup
+    # `docker manifest` needs DOCKER_CLI_EXPERIMENTAL on 20.x clients; --insecure allows a plain-HTTP registry.
+    res = docker.run("manifest", "inspect", "--insecure", "--verbose", ref, check=False,
+                     env={"DOCKER_CLI_EXPERIMENTAL": "enabled"})
     if res.returncode != 0:
         raise BuilderError(f"cannot read {ref} back from the registry: {res.stderr.strip()}")
     data = json.loads(res.stdout)

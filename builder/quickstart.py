@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 HARNESS = REPO / "scripts" / "harness.sh"
 CACHE = REPO / ".cache"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
-HOST_WHEELS = Path("/opt/wheels")
+WHEELHOUSE = CACHE / "wheelhouse"
 console = Console(stderr=True)
 
 DEMO_BACKENDS = ["chatglmcpp", "xinference"]
@@ -70,23 +70,9 @@ def demo_spec_flags(models: Path) -> dict:
         flags.update({f"base_images__{k}": v for k, v in PUBLIC_DEMO_BASES.items()})
     if HOST_CA.is_file():
         flags["ca_bundle"] = str(HOST_CA)
-    wheels = sorted(HOST_WHEELS.glob("*.whl")) if HOST_WHEELS.is_dir() else []
-    if wheels:
-        flags["wheelhouse"] = str(make_wheelhouse(wheels))
+    if any(WHEELHOUSE.glob("*.whl")):  # `make wheelhouse` (a dependency of `make demo`) fills it
+        flags["wheelhouse"] = str(WHEELHOUSE)
     return flags
-
-
-def make_wheelhouse(wheels: list[Path]) -> Path:
-    house = CACHE / "wheelhouse"
-    house.mkdir(parents=True, exist_ok=True)
-    for wheel in wheels:
-        target = house / wheel.name
-        if not target.exists():
-            try:
-                os.link(wheel, target)
-            except OSError:
-                shutil.copy2(wheel, target)
-    return house
 
 
 def run_demo() -> None:
