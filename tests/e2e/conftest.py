@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,11 @@ def local_bases(docker_engine) -> dict[str, str]:
     for image in images.values():
         docker("image", "inspect", image, timeout=60)
     return images
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> dict[str, Path]:
+    """The embedded demo model and its LoRA (trained once, cached in .cache/demo)."""
+    out = REPO / ".cache" / "demo"
+    subprocess.run([sys.executable, "-m", "builder", "demo-model", "--out", str(out)], check=True, cwd=REPO)
+    return {"base": out / "base", "adapter": out / "adapter"}

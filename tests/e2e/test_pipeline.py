@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -55,13 +54,6 @@ def _compose(*args: str, check: bool = True, timeout: float = 600) -> subprocess
 
 def _image(backend: str) -> str:
     return f"{NAME}-{backend}:{TAG}"
-
-
-@pytest.fixture(scope="module")
-def demo_models(tmp_path_factory) -> dict[str, Path]:
-    out = REPO / ".cache" / "demo"
-    subprocess.run([sys.executable, "-m", "builder", "demo-model", "--out", str(out)], check=True, cwd=REPO)
-    return {"base": out / "base", "adapter": out / "adapter"}
 
 
 @pytest.fixture(scope="module")

@@ -68,13 +68,6 @@ def started_steps(log: str, stage: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def demo_models(vllm_base) -> dict[str, Path]:
-    out = REPO / ".cache" / "demo"
-    subprocess.run([sys.executable, "-m", "builder", "demo-model", "--out", str(out)], check=True, cwd=REPO)
-    return {"base": out / "base", "adapter": out / "adapter"}
-
-
-@pytest.fixture(scope="module")
 def refused(vllm_base, tmp_path_factory) -> tuple[subprocess.CompletedProcess, str]:
     """Build a model folder whose architecture vLLM 0.33 dropped; only config.json matters to the check."""
     model = tmp_path_factory.mktemp("baichuan") / "tiny-baichuan"
