@@ -155,7 +155,7 @@ def _git_revision() -> str:
 
 def write_env(spec: BuildSpec, backends: list[Backend], path: Path) -> Path:
     """.env for compose: images, profiles, ports, the API key (kept if one exists; else generated)."""
-    existing = _read_env(path)
+    existing = read_env(path)
     key = os.environ.get(spec.api_key_env) or existing.get(spec.api_key_env) or secrets.token_urlsafe(24)
     values = {
         "COMPOSE_PROFILES": ",".join(backends),
@@ -172,7 +172,8 @@ def write_env(spec: BuildSpec, backends: list[Backend], path: Path) -> Path:
     return path
 
 
-def _read_env(path: Path) -> dict[str, str]:
+def read_env(path: Path) -> dict[str, str]:
+    """KEY=VALUE pairs of a .env file ({} when there is none)."""
     if not path.is_file():
         return {}
     pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))

@@ -109,9 +109,9 @@ def run_demo() -> None:
 
 
 def _read_env(path: Path = REPO / ".env") -> dict[str, str]:
-    from builder.build import _read_env as read
+    from builder.build import read_env
 
-    values = read(path)
+    values = read_env(path)
     if not values:
         raise BuilderError(f"no {path}: run make image first")
     return values

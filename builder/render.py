@@ -14,7 +14,7 @@ from pathlib import Path
 import jinja2
 
 from builder import __version__
-from builder.spec import BACKENDS, BuildSpec
+from builder.spec import BuildSpec
 
 TEMPLATES = Path(__file__).parent / "templates"
 OUTPUTS = {
@@ -42,7 +42,6 @@ def context(spec: BuildSpec) -> dict:
     return {
         "spec": spec,
         "version": __version__,
-        "backends": BACKENDS,
         "container_ports": CONTAINER_PORTS,
     }
 

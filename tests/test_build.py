@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import build_args, build_secrets, digest_dir, prepare_context, resolve_backends, write_env, _read_env
+from builder.build import build_args, build_secrets, digest_dir, prepare_context, resolve_backends, write_env, read_env
 from builder.errors import BuilderError
 from builder.spec import BuildSpec
 
@@ -99,12 +99,12 @@ def test_env_file_keeps_key_and_lists_profiles(tmp_path: Path, monkeypatch):
     env = tmp_path / ".env"
     spec = BuildSpec(model="org/x", registry="127.0.0.1:5000", tag="t")
     write_env(spec, ["chatglmcpp", "xinference"], env)
-    first = _read_env(env)
+    first = read_env(env)
     assert first["COMPOSE_PROFILES"] == "chatglmcpp,xinference"
     assert first["CHATGLMCPP_IMAGE"] == "127.0.0.1:5000/llm-chatglmcpp:t"
     assert len(first["API_KEY"]) >= 24 and stat.S_IMODE(env.stat().st_mode) == 0o600
     write_env(spec, ["vllm"], env)
-    assert _read_env(env)["API_KEY"] == first["API_KEY"], "a rebuild keeps the key clients already use"
+    assert read_env(env)["API_KEY"] == first["API_KEY"], "a rebuild keeps the key clients already use"
     monkeypatch.setenv("API_KEY", "mine")
     write_env(spec, ["vllm"], env)
-    assert _read_env(env)["API_KEY"] == "mine"
+    assert read_env(env)["API_KEY"] == "mine"
