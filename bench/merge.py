@@ -9,6 +9,7 @@ too when MemAvailable allows it (peft holds the whole model: peak RSS ~1.25x its
     .venv/bin/python bench/merge.py                       # 1x and 4x
     .venv/bin/python bench/merge.py --layers-multiplier 1 # 1x only
     .venv/bin/python bench/merge.py --quick               # tiny model, seconds (smoke test of the script)
+    .venv/bin/python bench/merge.py --verify              # also torch.equal every output tensor to peft's
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -125,9 +127,12 @@ def child(kind: str, base: str, adapter: str, out: str) -> None:
         merged.save_pretrained(out, max_shard_size="500MB")
 
 
-def measure(kind: str, base: Path, adapter: Path, out: Path) -> dict:
-    """Run one merge in a fresh process; this wrapper is itself fresh so RUSAGE_CHILDREN is that run alone."""
+def measure(kind: str, base: Path, adapter: Path, out: Path, keep: bool = False) -> dict:
+    """Run one merge in a fresh process; this wrapper is itself fresh so RUSAGE_CHILDREN is that run alone.
+    Dirty pages (the model just built, the last run's output) are flushed first, so neither side's writes
+    are throttled by writeback it did not cause."""
     shutil.rmtree(out, ignore_errors=True)
+    os.sync()
     code = (
         "import json,resource,subprocess,sys,time;t=time.perf_counter();"
         f"rc=subprocess.call([sys.executable,{str(Path(__file__).resolve())!r},'--child',{kind!r},{str(base)!r},{str(adapter)!r},{str(out)!r}]);"
@@ -138,8 +143,40 @@ def measure(kind: str, base: Path, adapter: Path, out: Path) -> dict:
     data = json.loads(line) if line.startswith("{") else {"rc": res.returncode}
     if data.get("rc") != 0:
         data["error"] = res.stderr[-2000:]
-    shutil.rmtree(out, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     return data
+
+
+def compare_outputs(ours: Path, peft: Path) -> str:
+    """torch.equal over every tensor of the two merged folders, one tensor in memory at a time."""
+    import torch
+    from safetensors import safe_open
+
+    def tensors(folder: Path) -> dict[str, Path]:
+        found = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                found.update(dict.fromkeys(st.keys(), f))
+        return found
+
+    a, b = tensors(ours), tensors(peft)
+    if set(a) != set(b):
+        return f"tensor names differ: {sorted(set(a) ^ set(b))[:5]}"
+    differ = []
+    for name in sorted(a):
+        with safe_open(str(a[name]), "pt") as fa, safe_open(str(b[name]), "pt") as fb:
+            if not torch.equal(fa.get_tensor(name), fb.get_tensor(name)):
+                differ.append(name)
+    return f"all {len(a)} tensors torch.equal" if not differ else f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+
+
+def fmt_run(r: dict) -> str:
+    return f" {r['wall']:7.1f}s  cpu {r['cpu']:6.1f}s  peak RSS {r['rss_kib'] / (1 << 20):6.2f} GiB"
+
+
+def median_run(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in ("wall", "cpu", "rss_kib")}
 
 
 def free_gib() -> float:
@@ -158,6 +195,8 @@ def main() -> None:
     ap.add_argument("--peft-at-large", choices=["auto", "yes", "no"], default="auto",
                     help="run peft at multipliers > 1 (auto: only if MemAvailable > 2x the model size + 2 GiB)")  # fmt: skip
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
+    ap.add_argument("--verify", action="store_true", help="also check our output is bit-equal to peft's (slower)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each side per size, alternating; medians are reported")
     args = ap.parse_args()
     if args.child:
         child(*args.child)
@@ -176,23 +215,36 @@ def main() -> None:
             size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
             print(f"x{mult} (load average {os.getloadavg()[0]:.0f} on {os.cpu_count()} cores): {layers} layers, {params / 1e9:.2f}B params, {nshards} shards, {size / GIB:.2f} GiB bf16 "
                   f"(built in {time.perf_counter() - t:.0f}s)", flush=True)  # fmt: skip
-            ours = measure("ours", base, adapter, out)
-            print(f"  ours: {ours.get('wall', float('nan')):7.1f}s  cpu {ours.get('cpu', float('nan')):6.1f}s  peak RSS {ours.get('rss_kib', 0) / (1 << 20):6.2f} GiB", flush=True)
             run_peft = mult == 1 or args.peft_at_large == "yes" or (args.peft_at_large == "auto" and free_gib() > 2 * size / GIB + 2)
-            peft = measure("peft", base, adapter, out) if run_peft else None
+            peft_out = out.with_name(out.name + "-peft")
+            runs: dict[str, list[dict]] = {"ours": [], "peft": []}
+            for rep in range(args.repeat):
+                keep = args.verify and rep == 0
+                kinds = ["ours", "peft"] if run_peft else ["ours"]
+                for kind in kinds if rep % 2 == 0 else kinds[::-1]:  # take turns going first (right after a build or
+                    # another run, the first one pays for fresh memory pages)
+                    runs[kind].append(measure(kind, base, adapter, out if kind == "ours" else peft_out, keep=keep))
+                    print(f"  {kind}:" + fmt_run(runs[kind][-1]), flush=True)
+                if keep and run_peft:
+                    print(f"  bit-equal check: {compare_outputs(out, peft_out)}", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(peft_out, ignore_errors=True)
+            errors = [r["error"] for r in runs["ours"] + runs["peft"] if "error" in r]
+            if errors:
+                print(errors[0])
+                return
+            ours = median_run(runs["ours"])
+            peft = median_run(runs["peft"]) if run_peft else None
+            print(f"  median of {args.repeat}: ours" + fmt_run(ours), flush=True)
             if peft is not None:
-                print(f"  peft: {peft.get('wall', float('nan')):7.1f}s  cpu {peft.get('cpu', float('nan')):6.1f}s  peak RSS {peft.get('rss_kib', 0) / (1 << 20):6.2f} GiB", flush=True)
-                if "error" in peft or "error" in ours:
-                    print(peft.get("error") or ours.get("error"))
-                else:
-                    print(f"  ratio ours/peft: RSS {ours['rss_kib'] / peft['rss_kib']:.2f}x, wall {ours['wall'] / peft['wall']:.2f}x, cpu {ours['cpu'] / peft['cpu']:.2f}x", flush=True)
+                print(f"  median of {args.repeat}: peft" + fmt_run(peft), flush=True)
+                print(f"  ratio ours/peft: RSS {ours['rss_kib'] / peft['rss_kib']:.2f}x, wall {ours['wall'] / peft['wall']:.2f}x, "
+                      f"cpu {ours['cpu'] / peft['cpu']:.2f}x", flush=True)  # fmt: skip
             else:
                 print(f"  peft: skipped (MemAvailable {free_gib():.1f} GiB; pass --peft-at-large yes to force)")
-            if "error" in ours:
-                print(ours["error"])
-            if first_ours is None and "rss_kib" in ours:
+            if first_ours is None:
                 first_ours = (mult, ours)
-            elif first_ours and "rss_kib" in ours:
+            else:
                 m0, o0 = first_ours
                 print(f"  ours x{mult} vs x{m0}: RSS {ours['rss_kib'] / o0['rss_kib']:.2f}x, "
                       f"wall {ours['wall'] / o0['wall']:.2f}x for {mult // m0}x the weights", flush=True)  # fmt: skip

@@ -1,18 +1,20 @@
 """Merge a LoRA adapter into its base, one shard at a time, bit-equal to peft's `merge_and_unload`.
 
-The model is never instantiated. Each base shard is read tensor by tensor (in file order, hashing the
-bytes on the way), every LoRA delta is applied to the tensor it targets, and the tensor is streamed
-straight into the output shard, whose safetensors header is known up front (merging changes no shape).
-Memory stays at about the largest tensor plus the (small) adapter, whatever the model size.
+The model is never instantiated. Each base shard is read tensor by tensor in file order (another thread
+hashes the file for the provenance record), every LoRA delta is applied to the tensor it targets, and
+the tensor is streamed straight into the output shard, whose safetensors header is known up front
+(merging changes no shape). Memory stays at about the largest tensor plus the (small) adapter,
+whatever the model size.
 
-Bit-equality: the math is peft's own. For every targeted weight a single `peft.tuners.lora.Linear` /
-`Embedding` is built around a bare base layer that holds only that tensor, its adapter parameters get
-the dtypes `PeftModel.from_pretrained` would give them (autocast of half adapters to fp32), the
-adapter tensors are loaded into it and its `merge()` runs: the same code and op order as
-`merge_and_unload`, so fp32 accumulation, fan_in_fan_out, rsLoRA, rank/alpha patterns and DoRA all
-come out identical. LoRA biases (`lora_bias`) repeat peft's one-line `bias += lora_B.bias * scaling`
-because the bias may sit in another shard than its weight. Full tensors saved with the adapter
-(`modules_to_save`, embedding `base_layer` weights, `bias="all"`) replace the base tensor.
+Bit-equality: the math is peft's. Plain LoRA / rsLoRA on a Linear or Conv1D repeats peft's
+`get_delta_weight` + `merge` op for op: the adapter in the dtype `PeftModel.from_pretrained` gives it
+(half types autocast to fp32), the same whole-matrix `B @ A`, then `* scaling` and `+=` (elementwise,
+so doing them a block of rows at a time gives the same bits); fan_in_fan_out, rank/alpha patterns
+included. DoRA and embedding LoRA run peft's own code: a single `peft.tuners.lora.Linear` / `Embedding`
+built around a bare base layer that holds only that tensor, whose `merge()` runs. LoRA biases
+(`lora_bias`) repeat peft's one-line `bias += lora_B.bias * scaling` because the bias may sit in another
+shard than its weight. Full tensors saved with the adapter (`modules_to_save`, embedding `base_layer`
+weights, `bias="all"`) replace the base tensor.
 
 Everything that can be checked is checked before anything is written; output goes to a hidden temp
 folder beside --out and is renamed into place at the end.
@@ -30,10 +32,11 @@ import re
 import shutil
 import signal
 import struct
+import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from builder import __version__
 from builder.errors import BuilderError
@@ -147,6 +150,23 @@ def read_safetensors_header(path: Path) -> Shard:
             )
         tensors[name] = TensorInfo(name, dtype, shape, begin, end)
     return Shard(path, "safetensors", tensors, data_start=8 + n, size=size)
+
+
+def _read_tensor(f, shard: Shard, info: TensorInfo):
+    """Read one tensor of a safetensors file (open unbuffered as `f`) into a fresh buffer of its own."""
+    import torch
+
+    f.seek(shard.data_start + info.begin)
+    nbytes = info.end - info.begin
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    got = 0
+    while got < nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            raise BuilderError(f"{shard.path} ended early while reading {info.name}; re-download it")
+        got += n
+    return buf.view(_torch_dtype(info.dtype)).reshape(info.shape)
 
 
 def _read_bin_shard(path: Path) -> dict:
@@ -321,11 +341,11 @@ def _base_files(base: Path) -> list[Shard]:
 class LoraModule:
     name: str  # module path in the base, e.g. model.layers.0.self_attn.q_proj
     kind: str  # "linear" | "embedding"
-    tensors: dict[str, Any]  # adapter tensors, keyed like the layer's state dict
+    tensors: dict[str, AdapterTensor]  # keyed like the layer's state dict
     r: int
     alpha: float
     scale: float = 0.0
-    bias: Any = None  # lora_B bias (lora_bias=True)
+    bias: AdapterTensor | None = None  # lora_B bias (lora_bias=True)
 
 
 @dataclass
@@ -334,7 +354,7 @@ class Plan:
     config_dtype: str | None
     modules: dict[str, LoraModule] = field(default_factory=dict)  # by weight key
     bias_of: dict[str, LoraModule] = field(default_factory=dict)  # by bias key
-    replace: dict[str, Any] = field(default_factory=dict)  # base key -> full tensor from the adapter
+    replace: dict[str, AdapterTensor] = field(default_factory=dict)  # base key -> full tensor from the adapter
     new_vocab: int | None = None
     lora_config: Any = None
 
@@ -405,19 +425,39 @@ def _load_lora_config(adapter: Path, raw: dict) -> LoraSpec:
     return spec
 
 
-def _load_adapter_tensors(path: Path) -> dict:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+@dataclass
+class AdapterTensor:
+    """An adapter tensor known by its shape, read only when its module is merged: an adapter for a big model
+    (or the embeddings it saved) can run to GBs, and the merge holds one module's worth at a time."""
 
-            return load_file(str(path))
-        import torch
+    shape: tuple[int, ...]
+    load: Callable[[], Any]
 
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except BuilderError:
-        raise
+
+def _load_adapter_tensors(path: Path) -> dict[str, AdapterTensor]:
+    if path.suffix == ".safetensors":
+        try:
+            shard = read_safetensors_header(path)
+        except BuilderError as e:
+            raise BuilderError(str(e).replace("re-download or re-save the model", "re-save the adapter")) from None
+
+        def reader(info: TensorInfo):
+            def load():
+                with open(path, "rb", buffering=0) as f:
+                    return _read_tensor(f, shard, info)
+
+            return load
+
+        return {name: AdapterTensor(info.shape, reader(info)) for name, info in shard.tensors.items()}
+    import torch
+
+    try:  # mmap: pages are read when a module's tensors are used
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise BuilderError(f"{path} could not be read ({type(e).__name__}: {e}); re-save the adapter") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BuilderError(f"{path} is not a state dict of tensors; re-save the adapter")
+    return {name: AdapterTensor(tuple(t.shape), lambda t=t: t) for name, t in sd.items()}
 
 
 _LORA_SUFFIX = re.compile(
@@ -504,9 +544,9 @@ def _build_plan(base_tensors: dict[str, TensorInfo], config: dict, adapter: Path
             raise BuilderError(f"{mod}: LoRA on a {len(shape)}-d weight is not supported (only Linear and Embedding)")
         if kind == "linear":
             out_f, in_f = (shape[1], shape[0]) if cfg.fan_in_fan_out else (shape[0], shape[1])
-            ok = a.dim() == 2 and b.dim() == 2 and a.shape == (r, in_f) and b.shape == (out_f, r)
+            ok = a.shape == (r, in_f) and b.shape == (out_f, r)
         else:
-            ok = a.dim() == 2 and b.dim() == 2 and a.shape == (r, shape[0]) and b.shape == (shape[1], r)
+            ok = a.shape == (r, shape[0]) and b.shape == (shape[1], r)
         if "lora_magnitude_vector.weight" in parts:
             if not cfg.use_dora:
                 raise BuilderError(f"{adapter}: {mod} has a DoRA magnitude but use_dora is false in adapter_config.json")
@@ -573,14 +613,18 @@ def _peft_layer(lm: LoraModule, weight, cfg):
     state = {}
     for part, t in lm.tensors.items():
         if part in ("lora_embedding_A", "lora_embedding_B"):
-            state[f"{part}.default"] = t
+            state[f"{part}.default"] = t.load()
         else:
             head, tail = part.split(".", 1)
-            state[f"{head}.default.{tail}"] = t
+            state[f"{head}.default.{tail}"] = t.load()
     result = layer.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"internal: peft layer rejected {result.unexpected_keys}")
     return layer
+
+
+_MERGE_BLOCK_BYTES = 1 << 20  # rows of the delta per elementwise step: fits in L2
+_WRITE_AHEAD_BYTES = 64 << 20  # merged tensors queued for the writer thread (beyond the one being written)
 
 
 def _adapter_param_dtype(base_dtype):
@@ -593,34 +637,42 @@ def _adapter_param_dtype(base_dtype):
     return base_dtype
 
 
-def _merge_linear(lm: LoraModule, weight, cfg: LoraSpec, device: str):
+def _merge_linear(lm: LoraModule, weight, cfg: LoraSpec, device: str, scratch: dict):
     """Plain LoRA / rsLoRA on a Linear (or Conv1D): peft's `lora.Linear.merge(safe_merge=False)` with
     `get_delta_weight`, op for op, without importing peft (whose import costs more CPU than the merge).
-    The tests hold it torch.equal to peft across dtypes, rsLoRA, rank/alpha patterns and fan_in_fan_out."""
+
+    B @ A is the same whole-matrix call as peft's (a row block of it can take another BLAS kernel and
+    differ in the last bit), written into a reused buffer; the elementwise `* scaling` and `+=` then go a
+    cache-sized block of rows at a time, which is several times faster than whole-matrix passes and
+    gives the same bits. The tests hold it torch.equal to peft across dtypes, rsLoRA, rank/alpha
+    patterns and fan_in_fan_out."""
     import torch
 
     dev = weight.device if device == "cpu" else torch.device("cuda")
     pdtype = _adapter_param_dtype(weight.dtype)
     weight = weight.to(dev)
-    a = lm.tensors["lora_A.weight"].to(dev, pdtype).contiguous()
-    b = lm.tensors["lora_B.weight"].to(dev, pdtype).contiguous()
+    a = lm.tensors["lora_A.weight"].load().to(dev, pdtype).contiguous()
+    b = lm.tensors["lora_B.weight"].load().to(dev, pdtype).contiguous()
     cast_to_fp32 = dev.type == "cpu" and pdtype in (torch.float16, torch.bfloat16)  # never true after autocast
     if cast_to_fp32:
         a, b = a.float(), b.float()
-    delta = b @ a
-    if cfg.fan_in_fan_out:
-        delta = delta.T * lm.scale
-    else:
-        delta.mul_(lm.scale)  # same bits as peft's `* scaling`, one full-size buffer less
-    if cast_to_fp32:
-        delta = delta.to(dtype=pdtype)
-    weight += delta
+    buf = scratch.get((a.dtype, dev))
+    if buf is None or buf.numel() < b.shape[0] * a.shape[1]:
+        buf = scratch[(a.dtype, dev)] = torch.empty(b.shape[0] * a.shape[1], dtype=a.dtype, device=dev)
+    delta = torch.mm(b, a, out=buf[: b.shape[0] * a.shape[1]].view(b.shape[0], a.shape[1]))
+    if cfg.fan_in_fan_out:  # Conv1D keeps its weight as (in, out)
+        delta = delta.T
+    rows, cols = weight.shape
+    step = max(1, _MERGE_BLOCK_BYTES // max(1, cols * delta.element_size())) if dev.type == "cpu" else max(1, rows)
+    for r0 in range(0, rows, step):
+        block = delta[r0 : r0 + step].mul_(lm.scale)  # same bits as peft's `* scaling`
+        weight[r0 : r0 + step] += block.to(dtype=pdtype) if cast_to_fp32 else block
     return weight.cpu() if device == "cuda" else weight
 
 
-def _merge_weight(lm: LoraModule, weight, cfg: LoraSpec, device: str):
+def _merge_weight(lm: LoraModule, weight, cfg: LoraSpec, device: str, scratch: dict):
     if lm.kind == "linear" and not cfg.use_dora:
-        return _merge_linear(lm, weight, cfg, device)
+        return _merge_linear(lm, weight, cfg, device, scratch)
     import torch
 
     if device == "cuda":
@@ -637,7 +689,7 @@ def _merge_bias(lm: LoraModule, bias, cfg):
     """peft's Linear.merge: `base_layer.bias.data += lora_B.bias * scaling`, lora_B in its from_pretrained dtype."""
     import torch
 
-    lora_bias = lm.bias.to(_adapter_param_dtype(bias.dtype))
+    lora_bias = lm.bias.load().to(_adapter_param_dtype(bias.dtype))
     bias += lora_bias * lm.scale  # our own buffer (or a copy-on-write mmap for .bin shards)
     return bias
 
@@ -659,78 +711,23 @@ def _out_shape(info: TensorInfo, plan: Plan) -> tuple[int, ...]:
     return tuple(t.shape) if t is not None else info.shape
 
 
-class _Hasher:
-    """sha256 of a file fed in order on a background thread (hashlib drops the GIL), so hashing overlaps
-    reading, merging and writing. `update` returns a future: wait on it before changing that buffer."""
-
-    def __init__(self, pool):
-        self.pool = pool
-        self.h = hashlib.sha256()
-
-    def update(self, data):
-        return self.pool.submit(self.h.update, data)
-
-    def file(self, path: Path):
-        def run():
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    self.h.update(chunk)
-
-        return self.pool.submit(run)
-
-    def hexdigest(self) -> str:
-        return self.pool.submit(self.h.hexdigest).result()
-
-
-def _iter_safetensors(shard: Shard, hasher: _Hasher) -> Iterator[tuple[str, Any, int, Any]]:
-    """Yield (name, tensor, nbytes, hash future) in file order, reading every byte of the file once."""
-    import torch
-
-    from collections import deque
-
-    order = sorted(shard.tensors.values(), key=lambda t: t.begin)
-    backlog: deque = deque()
+def _iter_safetensors(shard: Shard) -> Iterator[tuple[str, Any]]:
+    """Yield (name, tensor) in file order, each tensor read into its own buffer."""
     with open(shard.path, "rb", buffering=0) as f:
-        hasher.update(f.read(shard.data_start))
-        pos = 0
-        for info in order:
-            if info.begin > pos:  # padding between tensors (not written by safetensors, but allowed)
-                hasher.update(f.read(info.begin - pos))
-            elif info.begin < pos:  # overlapping/aliased data: re-read it
-                f.seek(shard.data_start + info.begin)
-            nbytes = info.end - info.begin
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-            view = memoryview(buf.numpy())
-            got = 0
-            while got < nbytes:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise BuilderError(f"{shard.path} ended early while reading {info.name}; re-download it")
-                got += n
-            done = hasher.update(view) if info.begin >= pos else None
-            if done is not None:
-                backlog.append(done)
-                while len(backlog) > 3:  # bound the buffers held only for hashing
-                    backlog.popleft().result()
-            pos = max(pos, info.end)
-            yield info.name, buf.view(_torch_dtype(info.dtype)).reshape(info.shape), nbytes, done
-        while chunk := f.read(1 << 24):
-            hasher.update(chunk)
+        for info in sorted(shard.tensors.values(), key=lambda t: t.begin):
+            yield info.name, _read_tensor(f, shard, info)
 
 
-def _iter_bin(shard: Shard, hasher: _Hasher) -> Iterator[tuple[str, Any, int, Any]]:
-    done = hasher.file(shard.path)  # merging a copy-on-write mmap never touches the file: no need to wait
+def _iter_bin(shard: Shard) -> Iterator[tuple[str, Any]]:
     sd = _read_bin_shard(shard.path)
     for name in list(sd):
-        t = sd.pop(name)
-        yield name, t, t.numel() * t.element_size(), None
-    done.result()
+        yield name, sd.pop(name)
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, stop: threading.Event | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
+        while (chunk := f.read(1 << 24)) and not (stop and stop.is_set()):
             h.update(chunk)
     return h.hexdigest()
 
@@ -752,59 +749,79 @@ def _progress(quiet: bool):
 
 
 def _process_shard(shard: Shard, writer: SafetensorsWriter, plan: Plan, device: str, progress, task) -> str:
-    """Read, merge and write one shard: reading and merging here, hashing and writing on two helper
-    threads (both drop the GIL), with at most a few tensors in flight. Returns the input's sha256."""
+    """Read, merge and write one shard: reading and merging here, writing on a helper thread, and the
+    input's sha256 (returned, for the provenance file) on another that reads the file by itself, so
+    hashing never holds up the merge. Both helpers spend their time in calls that drop the GIL.
+
+    The math runs on this thread alone (torch intra-op threads off): a rank-r product and elementwise
+    steps on cache-sized blocks, where OpenMP workers spin-waiting between calls would only take the
+    cores that hashing and writing need."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    stop = threading.Event()
     try:
         with ThreadPoolExecutor(1, "merge-hash") as hash_pool, ThreadPoolExecutor(1, "merge-write") as write_pool:
-            hasher = _Hasher(hash_pool)
-            _stream(shard, writer, plan, device, progress, task, hasher, write_pool)
-            digest = hasher.hexdigest()
+            digest = hash_pool.submit(_sha256, shard.path, stop)
+            try:
+                _stream(shard, writer, plan, device, progress, task, write_pool)
+            except BaseException:
+                stop.set()  # an interrupt should not wait for a multi-GB shard to be hashed
+                raise
+            digest = digest.result()
     except BaseException:
         writer.f.close()
         raise
+    finally:
+        torch.set_num_threads(threads)
     writer.close()
     return digest
 
 
-def _stream(shard, writer, plan, device, progress, task, hasher, write_pool) -> None:
+def _stream(shard, writer, plan, device, progress, task, write_pool) -> None:
     import torch
     from collections import deque
 
     order = [e[0] for e in writer.expected]
     pending: dict[str, Any] = {}  # only used when the file order differs from the header order (bin)
     nxt = 0
-    in_flight: deque = deque()
-    it = _iter_safetensors(shard, hasher) if shard.fmt == "safetensors" else _iter_bin(shard, hasher)
+    in_flight: deque = deque()  # (write future, bytes) in submission order
+    queued = 0
+    scratch: dict = {}  # one fp32 delta buffer, reused: no fresh pages per tensor
+    it = _iter_safetensors(shard) if shard.fmt == "safetensors" else _iter_bin(shard)
     try:
         with torch.no_grad():
-            for name, t, nbytes, hashed in it:
+            for name, t in it:
                 info = shard.tensors[name]
                 lm = plan.modules.get(name)
                 lmb = plan.bias_of.get(name)
-                if hashed is not None and (lm is not None or lmb is not None):
-                    hashed.result()  # peft merges in place: the input bytes must be hashed first
                 replacement = plan.replace.get(name)
                 if replacement is not None:
-                    t = replacement
+                    t = replacement.load()
                 t = t.to(_torch_dtype(_out_dtype(info, plan)))
                 if lm is not None:
-                    t = _merge_weight(lm, t, plan.lora_config, device)
+                    t = _merge_weight(lm, t, plan.lora_config, device, scratch)
                 if lmb is not None:
                     t = _merge_bias(lmb, t, plan.lora_config)
                 pending[name] = t
                 while nxt < len(order) and order[nxt] in pending:
-                    in_flight.append(write_pool.submit(writer.write, order[nxt], pending.pop(order[nxt])))
+                    out = pending.pop(order[nxt])
+                    in_flight.append((write_pool.submit(writer.write, order[nxt], out), out.nbytes))
+                    queued += out.nbytes
                     nxt += 1
-                while len(in_flight) > 2:
-                    in_flight.popleft().result()
+                while len(in_flight) > 1 and queued > _WRITE_AHEAD_BYTES:  # bounded memory, whatever the tensor sizes
+                    fut, nbytes = in_flight.popleft()
+                    fut.result()
+                    queued -= nbytes
                 if progress is not None:
-                    progress.advance(task, nbytes)
+                    progress.advance(task, _nbytes(info))
         while in_flight:
-            in_flight.popleft().result()
+            in_flight.popleft()[0].result()
     finally:
-        for fut in in_flight:
+        for fut, _ in in_flight:
             fut.cancel()
         it.close()
 
