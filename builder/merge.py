@@ -3,8 +3,8 @@
 The model is never instantiated. Each base shard is read tensor by tensor in file order (another thread
 hashes the file for the provenance record), every LoRA delta is applied to the tensor it targets, and
 the tensor is streamed straight into the output shard, whose safetensors header is known up front
-(merging changes no shape). Memory stays at about the largest tensor plus the (small) adapter,
-whatever the model size.
+(merging changes no shape). Adapter tensors are read when their module comes up. Memory stays at
+about the largest tensor plus its fp32 LoRA delta and a write-ahead queue, whatever the model size.
 
 Bit-equality: the math is peft's. Plain LoRA / rsLoRA on a Linear or Conv1D repeats peft's
 `get_delta_weight` + `merge` op for op: the adapter in the dtype `PeftModel.from_pretrained` gives it
