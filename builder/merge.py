@@ -116,8 +116,9 @@ def _itemsize(dtype_name: str) -> int:
     return torch.empty((), dtype=_torch_dtype(dtype_name)).element_size()
 
 
-def read_safetensors_header(path: Path) -> Shard:
-    """Parse and sanity-check a safetensors header; a truncated or garbled file raises BuilderError."""
+def read_safetensors_header(path: Path, remedy: str = "re-download or re-save the model") -> Shard:
+    """Parse and sanity-check a safetensors header; a truncated or garbled file raises BuilderError
+    ending in `remedy`."""
     what = f"{path} is not a valid safetensors file"
     try:
         size = path.stat().st_size
@@ -130,7 +131,7 @@ def read_safetensors_header(path: Path) -> Shard:
                 raise ValueError("header length out of range")
             header = json.loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise BuilderError(f"{what} ({e}); re-download or re-save the model") from None
+        raise BuilderError(f"{what} ({e}); {remedy}") from None
     tensors: dict[str, TensorInfo] = {}
     data_len = size - 8 - n
     for name, meta in header.items():
@@ -141,12 +142,11 @@ def read_safetensors_header(path: Path) -> Shard:
             shape = tuple(int(s) for s in meta["shape"])
             begin, end = (int(x) for x in meta["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise BuilderError(f"{what} (bad entry for {name!r}); re-download or re-save the model") from None
+            raise BuilderError(f"{what} (bad entry for {name!r}); {remedy}") from None
         numel = math.prod(shape)
         if end - begin != numel * _itemsize(dtype) or begin < 0 or end > data_len:
             raise BuilderError(
-                f"{what}: tensor {name!r} lies outside the file (truncated or corrupt download?); "
-                "re-download or re-save the model"
+                f"{what}: tensor {name!r} lies outside the file (truncated or corrupt download?); {remedy}"
             )
         tensors[name] = TensorInfo(name, dtype, shape, begin, end)
     return Shard(path, "safetensors", tensors, data_start=8 + n, size=size)
@@ -169,15 +169,16 @@ def _read_tensor(f, shard: Shard, info: TensorInfo):
     return buf.view(_torch_dtype(info.dtype)).reshape(info.shape)
 
 
-def _read_bin_shard(path: Path) -> dict:
+def _read_bin_shard(path: Path, remedy: str | None = None) -> dict:
+    """A .bin state dict, memory-mapped (pages are read when a tensor is used), weights only."""
     import torch
 
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad zip/pickle
-        raise BuilderError(f"{path} could not be loaded ({type(e).__name__}: {e}); re-download or re-save it") from None
+        raise BuilderError(f"{path} could not be loaded ({type(e).__name__}: {e}); {remedy or 're-download or re-save it'}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise BuilderError(f"{path} is not a state dict of tensors; pass a model saved with save_pretrained")
+        raise BuilderError(f"{path} is not a state dict of tensors; {remedy or 'pass a model saved with save_pretrained'}")
     return sd
 
 
@@ -436,10 +437,7 @@ class AdapterTensor:
 
 def _load_adapter_tensors(path: Path) -> dict[str, AdapterTensor]:
     if path.suffix == ".safetensors":
-        try:
-            shard = read_safetensors_header(path)
-        except BuilderError as e:
-            raise BuilderError(str(e).replace("re-download or re-save the model", "re-save the adapter")) from None
+        shard = read_safetensors_header(path, remedy="re-save the adapter")
 
         def reader(info: TensorInfo):
             def load():
@@ -449,14 +447,7 @@ def _load_adapter_tensors(path: Path) -> dict[str, AdapterTensor]:
             return load
 
         return {name: AdapterTensor(info.shape, reader(info)) for name, info in shard.tensors.items()}
-    import torch
-
-    try:  # mmap: pages are read when a module's tensors are used
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise BuilderError(f"{path} could not be read ({type(e).__name__}: {e}); re-save the adapter") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise BuilderError(f"{path} is not a state dict of tensors; re-save the adapter")
+    sd = _read_bin_shard(path, remedy="re-save the adapter")
     return {name: AdapterTensor(tuple(t.shape), lambda t=t: t) for name, t in sd.items()}
 
 
