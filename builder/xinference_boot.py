@@ -626,8 +626,8 @@ def health(cfg: BootConfig, chat_timeout: float = 60.0) -> int:
 # --------------------------------------------------------------------------- the foreground process
 
 
-def _exit_code(status: int) -> int:
-    code = os.waitstatus_to_exitcode(status)
+def _exit_code(code: int) -> int:
+    """A child's exit code as a shell reports it: killed by signal N (code -N) -> 128 + N."""
     return 128 - code if code < 0 else code
 
 
@@ -671,7 +671,7 @@ def boot(cfg: BootConfig, env: Mapping[str, str] | None = None) -> int:
     except (BootError, OSError, urllib.error.URLError) as e:
         if proc.poll() is not None:
             log(f"xinference-local exited with {proc.returncode}")
-            return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+            return _exit_code(proc.returncode)
         log(f"setup failed: {e}")
         proc.terminate()
         try:
@@ -683,14 +683,14 @@ def boot(cfg: BootConfig, env: Mapping[str, str] | None = None) -> int:
 
     # Foreground: wait for the child, reaping any orphan re-parented to us (we may be PID 1).
     if proc.returncode is not None:
-        return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+        return _exit_code(proc.returncode)
     while True:
         try:
             pid, status = os.waitpid(-1, 0)
         except ChildProcessError:
             return proc.returncode if proc.returncode is not None else 0
         if pid == proc.pid:
-            code = _exit_code(status)
+            code = _exit_code(os.waitstatus_to_exitcode(status))
             proc.returncode = code
             log(f"xinference-local exited with {code}")
             return code
