@@ -52,31 +52,21 @@ def child_anchor(model: Path, out: Path, quant: str) -> None:
     from transformers import GlmForCausalLM
 
     from builder.convert import _chatglm_config, _plan, load_chatglm_convert
+    from builder.convert.layouts import GlmToChatGLM
     from builder.convert.vocab import glm4_vocab
 
     cc = load_chatglm_convert()
     hf = GlmForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    sd = hf.state_dict()
-    state = {"transformer.embedding.word_embeddings.weight": sd["model.embed_tokens.weight"]}
-    for i in range(hf.config.num_hidden_layers):
-        s, d = f"model.layers.{i}.", f"transformer.encoder.layers.{i}."
-        state[d + "input_layernorm.weight"] = sd[s + "input_layernorm.weight"]
-        for kind in ("weight", "bias"):
-            state[d + f"self_attention.query_key_value.{kind}"] = torch.cat(
-                [sd[s + f"self_attn.{p}_proj.{kind}"] for p in "qkv"]
-            )
-        state[d + "self_attention.dense.weight"] = sd[s + "self_attn.o_proj.weight"]
-        state[d + "post_attention_layernorm.weight"] = sd[s + "post_attention_layernorm.weight"]
-        state[d + "mlp.dense_h_to_4h.weight"] = sd[s + "mlp.gate_up_proj.weight"]
-        state[d + "mlp.dense_4h_to_h.weight"] = sd[s + "mlp.down_proj.weight"]
-    state["transformer.encoder.final_layernorm.weight"] = sd["model.norm.weight"]
-    state["transformer.output_layer.weight"] = sd["lm_head.weight"]
-
     config = json.loads((model / "config.json").read_text())
+    plan = _plan(config)
+    renamed = GlmToChatGLM(hf.state_dict(), plan.layers, plan.tied, hidden_size=plan.heads * plan.head_dim,
+                           kv_dim=plan.kv_heads * plan.head_dim)  # fmt: skip
+    state = {name: renamed[name] for name in renamed.names()}  # the whole converted state dict, as a manual run holds it
+
     text, n, _ = glm4_vocab(model)
     vocab_file = out.with_suffix(".tiktoken")
     vocab_file.write_bytes(text)
-    adapter = SimpleNamespace(config=_chatglm_config(_plan(config), config, n), state_dict=lambda: state)
+    adapter = SimpleNamespace(config=_chatglm_config(plan, config, n), state_dict=lambda: state)
     cc.tqdm = lambda it, **kw: it
     with open(out, "wb") as f, contextlib.redirect_stdout(io.StringIO()):
         cc.ChatGLM4Converter.convert(f, adapter, SimpleNamespace(vocab_file=str(vocab_file)), cc.GGMLType[quant.upper()])
