@@ -1,5 +1,5 @@
 # One command per job. Variables (all optional; unset ones fall back to SPEC's YAML, then defaults):
-#   MODEL=<folder|hub id>  ADAPTER=<lora folder>  BACKEND=auto|vllm,chatglmcpp,xinference
+#   MODEL=<folder|hub id>  ADAPTER=<lora folder>  BACKEND=auto|<comma list of backends>
 #   QUANT=q4_0  TAG=latest  REGISTRY=<host[:port]/ns>  NAME=llm  SPEC=<build.yaml>
 #   CA_BUNDLE=<pem>  WHEELHOUSE=<dir of wheels>
 SHELL := /bin/bash
@@ -11,14 +11,16 @@ BUILDER := $(VENV)/bin/python -m builder
 PYTEST := $(VENV)/bin/python -m pytest
 HARNESS := scripts/harness.sh
 
-# Make variable -> builder flag, only when set (so a SPEC file's values are not overridden).
-flag = $(if $(strip $($(1))),$(2) $(strip $($(1))))
-SPEC_FLAGS = $(call flag,SPEC,--spec) $(call flag,MODEL,--model) $(call flag,ADAPTER,--adapter) \
-	$(call flag,BACKEND,--backend) $(call flag,QUANT,--quant) $(call flag,TAG,--tag) \
-	$(call flag,REGISTRY,--registry) $(call flag,NAME,--name) $(call flag,CA_BUNDLE,--ca-bundle) \
-	$(call flag,WHEELHOUSE,--wheelhouse)
+# Make variables reach the builder as environment variables BUILDER_<NAME>, which its CLI reads as
+# the matching flag (builder/cli.py). A value is never pasted into a shell command line, and
+# $(value ...) hands it over unexpanded: spaces, quotes, `;`, `$(...)` and backticks arrive as
+# typed, and the spec then accepts or refuses them.
+SPEC_VARS := SPEC MODEL ADAPTER BACKEND QUANT TAG REGISTRY NAME CA_BUNDLE WHEELHOUSE
+$(foreach v,$(SPEC_VARS),$(eval export BUILDER_$(v) := $$(value $(v))))
+# ...and the variables themselves stay out of recipe environments, where Make would expand them.
+unexport $(SPEC_VARS)
 
-.PHONY: help venv test e2e image push up down smoke demo render lint clean wheelhouse
+.PHONY: help venv test e2e spec image push up down smoke demo render lint fmt clean wheelhouse
 
 include mk/xinference.mk mk/vllm.mk
 
@@ -46,13 +48,16 @@ e2e: venv wheelhouse ## Docker end-to-end tests (starts a Docker engine and a lo
 	$(PYTEST) -q -m e2e tests/e2e; status=$$?; $(HARNESS) registry-down; $(HARNESS) engine-down; exit $$status
 
 render: venv ## re-render the top-level Dockerfiles and compose.yaml
-	$(BUILDER) render $(call flag,SPEC,--spec) --out .
+	$(BUILDER) render --out .
+
+spec: venv ## print the resolved build spec (YAML, usable as SPEC=) and the backends it would build
+	$(BUILDER) spec
 
 image: venv ## build images: make image MODEL=... [ADAPTER=...] [BACKEND=...] [QUANT=...]
-	$(BUILDER) build $(SPEC_FLAGS)
+	$(BUILDER) build
 
 push: venv ## push built images: make push REGISTRY=host:port
-	$(BUILDER) push $(SPEC_FLAGS)
+	$(BUILDER) push
 
 up: ## start what `make image` built (docker compose reads .env)
 	docker compose up -d --wait
@@ -66,9 +71,14 @@ smoke: venv ## OpenAI API checks against every service that is up
 demo: venv wheelhouse ## build the embedded demo model, serve it, ask it the LoRA's question
 	$(BUILDER) demo
 
-lint: venv ## hadolint the Dockerfiles, validate compose.yaml
-	$(VENV)/bin/hadolint Dockerfile.vllm Dockerfile.chatglmcpp Dockerfile.xinference
-	docker compose -f compose.yaml config -q
+lint: venv ## ruff (format + lint), hadolint the Dockerfiles (compose.yaml is validated by make test)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint Dockerfile.*
+
+fmt: venv ## ruff: format the tree and apply safe fixes
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 clean: ## remove build outputs (not .venv)
 	rm -rf build .pytest_cache

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from builder import demo  # noqa: E402
-from builder.smoke import chat  # noqa: E402
+from builder.demo import model as demo  # noqa: E402
+from builder.runtime.smoke import chat  # noqa: E402
 
 DOCKER = "/usr/bin/docker"
 PORTS = {"chatglmcpp": 8001, "xinference": 9997}
@@ -28,13 +28,36 @@ def cold_start(backend: str, image: str, served: str, host_port: int, timeout: f
     name = f"bench-cold-{backend}"
     subprocess.run([DOCKER, "rm", "-f", name], capture_output=True)
     start = time.monotonic()
-    subprocess.run([DOCKER, "run", "-d", "--name", name, "-p", f"127.0.0.1:{host_port}:{PORTS[backend]}",
-                    "-e", f"API_KEY={KEY}", "-e", f"XINFERENCE_API_KEY={KEY}", image], check=True, capture_output=True)
+    subprocess.run(
+        [
+            DOCKER,
+            "run",
+            "-d",
+            "--name",
+            name,
+            "-p",
+            f"127.0.0.1:{host_port}:{PORTS[backend]}",
+            "-e",
+            f"API_KEY={KEY}",
+            "-e",
+            f"XINFERENCE_API_KEY={KEY}",
+            image,
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         while time.monotonic() - start < timeout:
             try:
-                chat(f"http://127.0.0.1:{host_port}", served, [{"role": "user", "content": demo.CHANGED_PROMPT}],
-                     api_key=KEY, max_tokens=16, temperature=0, timeout=30)
+                chat(
+                    f"http://127.0.0.1:{host_port}",
+                    served,
+                    [{"role": "user", "content": demo.CHANGED_PROMPT}],
+                    api_key=KEY,
+                    max_tokens=16,
+                    temperature=0,
+                    timeout=30,
+                )
                 return time.monotonic() - start
             except Exception:  # refused, reset, or 4xx/5xx while the model is still launching
                 time.sleep(0.1)

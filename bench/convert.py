@@ -1,4 +1,4 @@
-"""Peak RSS and wall time of builder.convert against the anchor (full state dict + chatglm.cpp's converter).
+"""Peak RSS and wall time of builder.model.convert against the anchor (full state dict + chatglm.cpp's converter).
 
 The anchor is what chatglm.cpp's own `convert()` does: load the whole model in float32, then hand its
 state dict to `ChatGLM4Converter.convert`. Ours streams one tensor at a time into the same converter.
@@ -31,13 +31,13 @@ def _maxrss_mb() -> float:
 
 def child_baseline(model: Path, out: Path, quant: str) -> None:
     """Just the imports both sides need (torch, transformers, chatglm.cpp's convert.py)."""
-    from builder.convert import load_chatglm_convert
+    from builder.model.convert import load_chatglm_convert
 
     load_chatglm_convert()
 
 
 def child_ours(model: Path, out: Path, quant: str) -> None:
-    from builder.convert import convert_model
+    from builder.model.convert import convert_model
 
     convert_model(model, quant=quant, out=out, quiet=True)
 
@@ -51,9 +51,9 @@ def child_anchor(model: Path, out: Path, quant: str) -> None:
     import torch
     from transformers import GlmForCausalLM
 
-    from builder.convert import _chatglm_config, _plan, load_chatglm_convert
-    from builder.convert.layouts import GlmToChatGLM
-    from builder.convert.vocab import glm4_vocab
+    from builder.model.convert import _chatglm_config, _plan, load_chatglm_convert
+    from builder.model.convert.layouts import GlmToChatGLM
+    from builder.model.convert.vocab import glm4_vocab
 
     cc = load_chatglm_convert()
     hf = GlmForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
@@ -61,7 +61,9 @@ def child_anchor(model: Path, out: Path, quant: str) -> None:
     plan = _plan(config)
     renamed = GlmToChatGLM(hf.state_dict(), plan.layers, plan.tied, hidden_size=plan.heads * plan.head_dim,
                            kv_dim=plan.kv_heads * plan.head_dim)  # fmt: skip
-    state = {name: renamed[name] for name in renamed.names()}  # the whole converted state dict, as a manual run holds it
+    state = {
+        name: renamed[name] for name in renamed.names()
+    }  # the whole converted state dict, as a manual run holds it
 
     text, n, _ = glm4_vocab(model)
     vocab_file = out.with_suffix(".tiktoken")
@@ -69,7 +71,9 @@ def child_anchor(model: Path, out: Path, quant: str) -> None:
     adapter = SimpleNamespace(config=_chatglm_config(plan, config, n), state_dict=lambda: state)
     cc.tqdm = lambda it, **kw: it
     with open(out, "wb") as f, contextlib.redirect_stdout(io.StringIO()):
-        cc.ChatGLM4Converter.convert(f, adapter, SimpleNamespace(vocab_file=str(vocab_file)), cc.GGMLType[quant.upper()])
+        cc.ChatGLM4Converter.convert(
+            f, adapter, SimpleNamespace(vocab_file=str(vocab_file)), cc.GGMLType[quant.upper()]
+        )
     vocab_file.unlink()
 
 
@@ -120,13 +124,15 @@ def main() -> None:
     if not (model / "config.json").is_file():
         t0 = time.perf_counter()
         code = (
-            "import sys, torch; sys.path.insert(0, sys.argv[1]); from builder.tiny import make_random_glm; "
+            "import sys, torch; sys.path.insert(0, sys.argv[1]); from builder.demo.tiny import make_random_glm; "
             "make_random_glm(sys.argv[2], hidden_size=int(sys.argv[3]), num_layers=int(sys.argv[4]), "
             "num_heads=int(sys.argv[5]), num_kv_heads=int(sys.argv[6]), intermediate_size=int(sys.argv[7]), "
             "dtype=torch.bfloat16)"
         )
         dims = [args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate]
-        subprocess.run([sys.executable, "-c", code, str(REPO), str(model), *map(str, dims)], check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-c", code, str(REPO), str(model), *map(str, dims)], check=True, capture_output=True
+        )
         print(f"built model in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     size_mb = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**20
     n_params = size_mb * 2**20 / 2

@@ -1,4 +1,4 @@
-"""Benchmark: streamed LoRA merge (builder.merge) vs peft's merge_and_unload. Prints figures; asserts nothing.
+"""Benchmark: streamed LoRA merge (builder.model.merge) vs peft's merge_and_unload. Prints figures; asserts nothing.
 
 Builds a random bf16 Llama (~0.9B params at multiplier 1: hidden 2048, 15 layers, 4 shards of ~500 MB)
 and an r=16 all-linear LoRA for it, then runs each merge in its own fresh process and reports wall
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -74,14 +73,20 @@ def build_base(path: Path, dims: dict, layers: int) -> tuple[int, int]:
         fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
         for name, shape in group:
-            t = torch.ones(shape, dtype=torch.bfloat16) if len(shape) == 1 else torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
+            t = (
+                torch.ones(shape, dtype=torch.bfloat16)
+                if len(shape) == 1
+                else torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
+            )
             tensors[name] = t
             weight_map[name] = fname
             total += t.numel() * 2
             params += t.numel()
         save_file(tensors, str(path / fname), metadata={"format": "pt"})
         del tensors
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     cfg = LlamaConfig(
         vocab_size=v, hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=dims["heads"],
         num_key_value_heads=dims["heads"], tie_word_embeddings=False, dtype="bfloat16",
@@ -114,7 +119,7 @@ def build_adapter(path: Path, dims: dict, layers: int, r: int = 16) -> None:
 def child(kind: str, base: str, adapter: str, out: str) -> None:
     if kind == "ours":
         sys.path.insert(0, str(ROOT))
-        from builder.merge import merge_model
+        from builder.model.merge import merge_model
 
         merge_model(base=Path(base), adapter=Path(adapter), out=Path(out), quiet=True)
     else:
@@ -168,7 +173,11 @@ def compare_outputs(ours: Path, peft: Path) -> str:
         with safe_open(str(a[name]), "pt") as fa, safe_open(str(b[name]), "pt") as fb:
             if not torch.equal(fa.get_tensor(name), fb.get_tensor(name)):
                 differ.append(name)
-    return f"all {len(a)} tensors torch.equal" if not differ else f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+    return (
+        f"all {len(a)} tensors torch.equal"
+        if not differ
+        else f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+    )
 
 
 def fmt_run(r: dict) -> str:
@@ -196,7 +205,9 @@ def main() -> None:
                     help="run peft at multipliers > 1 (auto: only if MemAvailable > 2x the model size + 2 GiB)")  # fmt: skip
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
     ap.add_argument("--verify", action="store_true", help="also check our output is bit-equal to peft's (slower)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each side per size, alternating; medians are reported")
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="runs of each side per size, alternating; medians are reported"
+    )
     args = ap.parse_args()
     if args.child:
         child(*args.child)
@@ -215,7 +226,11 @@ def main() -> None:
             size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
             print(f"x{mult} (load average {os.getloadavg()[0]:.0f} on {os.cpu_count()} cores): {layers} layers, {params / 1e9:.2f}B params, {nshards} shards, {size / GIB:.2f} GiB bf16 "
                   f"(built in {time.perf_counter() - t:.0f}s)", flush=True)  # fmt: skip
-            run_peft = mult == 1 or args.peft_at_large == "yes" or (args.peft_at_large == "auto" and free_gib() > 2 * size / GIB + 2)
+            run_peft = (
+                mult == 1
+                or args.peft_at_large == "yes"
+                or (args.peft_at_large == "auto" and free_gib() > 2 * size / GIB + 2)
+            )
             peft_out = out.with_name(out.name + "-peft")
             runs: dict[str, list[dict]] = {"ours": [], "peft": []}
             for rep in range(args.repeat):
@@ -248,7 +263,9 @@ def main() -> None:
                 m0, o0 = first_ours
                 print(f"  ours x{mult} vs x{m0}: RSS {ours['rss_kib'] / o0['rss_kib']:.2f}x, "
                       f"wall {ours['wall'] / o0['wall']:.2f}x for {mult // m0}x the weights", flush=True)  # fmt: skip
-            rows.append({"mult": mult, "layers": layers, "params": params, "shards": nshards, "ours": ours, "peft": peft})
+            rows.append(
+                {"mult": mult, "layers": layers, "params": params, "shards": nshards, "ours": ours, "peft": peft}
+            )
             if not args.keep:
                 shutil.rmtree(base, ignore_errors=True)
                 shutil.rmtree(adapter, ignore_errors=True)

@@ -1,9 +1,8 @@
-"""One error type for everything a user can fix: the CLI prints its message and exits 2."""
+"""One error type for everything a user can fix. Library code raises it; the CLI alone turns it into
+its message on stderr and exit status 2."""
 
-import click
 
-
-class BuilderError(click.ClickException):
+class BuilderError(Exception):
     """Bad input or a failed step, with a message that says what to do."""
 
     exit_code = 2

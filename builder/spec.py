@@ -1,7 +1,8 @@
 """The build spec: one typed object that every stage receives.
 
-Precedence, highest first: command-line flags (the Makefile turns each Make variable that is set
-into its flag), then the YAML file given with `--spec`, then the defaults below.
+Precedence, highest first: command-line flags (or their BUILDER_* environment variables, which is
+how the Makefile hands over its variables), then the YAML file given with `--spec`, then the
+defaults below.
 
 Everything here that reaches a Dockerfile, a build arg or compose.yaml is validated against a
 strict grammar, so a model name or path can never inject a line, a quote or a shell expansion.
@@ -12,17 +13,17 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-import click
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from builder import backends
 from builder.errors import BuilderError
 
-Backend = Literal["vllm", "chatglmcpp", "xinference"]
-BACKENDS: tuple[Backend, ...] = ("vllm", "chatglmcpp", "xinference")
-Quant = Literal["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+Backend = Literal[backends.NAMES]  # type: ignore[valid-type]
+BACKENDS: tuple[str, ...] = backends.NAMES
+Quant = Literal[backends.QUANTS]  # type: ignore[valid-type]
 ModelHub = Literal["auto", "local", "huggingface", "modelscope"]
 
 # OCI distribution-spec reference grammar (docker/distribution reference/regexp.go), anchored.
@@ -54,16 +55,8 @@ def _check(pattern: re.Pattern, value: str, what: str) -> str:
     return value
 
 
-class BaseImages(BaseModel):
-    """Base image of each stage; real public defaults, overridable (tests use local bases)."""
-
+class _BaseImages(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-    build: str = "nvidia/cuda:12.8.1-devel-ubuntu24.04"
-    vllm: str = "vllm/vllm-openai:v0.33.0"
-    chatglmcpp: str = "python:3.12-slim-bookworm"
-    chatglmcpp_cuda: str = "nvidia/cuda:12.8.1-runtime-ubuntu24.04"
-    xinference: str = "xprobe/xinference:v4.1.0"
 
     @field_validator("*")
     @classmethod
@@ -71,14 +64,22 @@ class BaseImages(BaseModel):
         return _check(IMAGE_REF, v, "image reference (OCI grammar, e.g. python:3.12-slim)")
 
 
-class Ports(BaseModel):
-    """Host ports compose publishes on 127.0.0.1 (containers listen on the same numbers)."""
+# Base image of each stage, from the registry: `build` (the merge/convert stage), one per backend,
+# and `<backend>_cuda` for a backend's CUDA variant. Real public defaults; tests use local bases.
+BaseImages = create_model(
+    "BaseImages",
+    __base__=_BaseImages,
+    build=(str, "nvidia/cuda:12.8.1-devel-ubuntu24.04"),
+    **{b.name: (str, b.base_image) for b in backends.REGISTRY.values()},
+    **{f"{b.name}_cuda": (str, b.cuda_base) for b in backends.REGISTRY.values() if b.cuda_base},
+)
 
-    model_config = ConfigDict(extra="forbid")
-
-    vllm: int = Field(8000, ge=1, le=65535)
-    chatglmcpp: int = Field(8001, ge=1, le=65535)
-    xinference: int = Field(9997, ge=1, le=65535)
+# Host ports compose publishes on 127.0.0.1 (containers listen on the registry's port numbers).
+Ports = create_model(
+    "Ports",
+    __config__=ConfigDict(extra="forbid"),
+    **{b.name: (int, Field(b.port, ge=1, le=65535)) for b in backends.REGISTRY.values()},
+)
 
 
 class BuildSpec(BaseModel):
@@ -87,18 +88,26 @@ class BuildSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     model: str | None = Field(None, description="Local model folder, or a hub id (org/name)")
-    model_hub: ModelHub = Field("auto", description="Where `model` comes from; auto: folder if it exists, else Hugging Face")
+    model_hub: ModelHub = Field(
+        "auto", description="Where `model` comes from; auto: folder if it exists, else Hugging Face"
+    )
     revision: str | None = Field(None, description="Hub revision (default: main on Hugging Face, master on ModelScope)")
     adapter: Path | None = Field(None, description="LoRA adapter folder (peft or SWIFT checkpoint-N)")
-    backends: list[Backend] | None = Field(None, description="Backends to build; None = auto (every backend that supports the model)")
-    quant: Quant = Field("q4_0", description="GGML type for chatglm.cpp")
-    served_model_name: str | None = Field(None, description="Name the APIs answer to (default: model folder or repo name)")
+    backends: list[Backend] | None = Field(
+        None, description="Backends to build; None = auto (every backend that supports the model)"
+    )
+    quant: Quant = Field("q4_0", description="Quantization for the backends that quantize (chatglm.cpp: GGML type)")
+    served_model_name: str | None = Field(
+        None, description="Name the APIs answer to (default: model folder or repo name)"
+    )
     name: str = Field("llm", description="Image repository name; images are [REGISTRY/]NAME-BACKEND:TAG")
     tag: str = Field("latest", description="Image tag")
     registry: str | None = Field(None, description="Registry prefix, e.g. ghcr.io/acme or 127.0.0.1:5000")
     base_images: BaseImages = Field(default_factory=BaseImages)
-    chatglmcpp_cuda: bool = Field(False, description="Build chatglm.cpp with CUDA (-DGGML_CUDA=ON) on a CUDA 12.x base")
-    cuda_architectures: str = Field("80;86;89;90", description="CMAKE_CUDA_ARCHITECTURES for the CUDA build")
+    cuda: bool = Field(
+        False, description="Build the CUDA variant of every backend that has one (chatglm.cpp: -DGGML_CUDA=ON)"
+    )
+    cuda_architectures: str = Field("80;86;89;90", description="CMAKE_CUDA_ARCHITECTURES for the CUDA builds")
     ca_bundle: Path | None = Field(None, description="CA bundle for TLS-intercepting proxies (BuildKit secret)")
     wheelhouse: Path | None = Field(None, description="Folder of local wheels pip uses inside the build")
     hub_token_env: str = Field("HF_TOKEN", description="Environment variable holding the hub token (BuildKit secret)")
@@ -165,8 +174,18 @@ class BuildSpec(BaseModel):
             raise ValueError("lists a backend twice")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """`chatglmcpp_cuda: true` (before backends shared one switch) still means `cuda: true`."""
+        if isinstance(data, dict) and "chatglmcpp_cuda" in data:
+            data = dict(data)
+            legacy = data.pop("chatglmcpp_cuda")
+            data.setdefault("cuda", legacy)
+        return data
+
     @model_validator(mode="after")
-    def _served_default(self) -> "BuildSpec":
+    def _served_default(self) -> BuildSpec:
         if self.served_model_name is None and self.model:
             stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.model.rstrip("/")).name).strip("-.") or "model"
             object.__setattr__(self, "served_model_name", stem[:128])
@@ -174,7 +193,7 @@ class BuildSpec(BaseModel):
 
     # -- derived values ---------------------------------------------------------------------
 
-    def image(self, backend: Backend) -> str:
+    def image(self, backend: str) -> str:
         """`[REGISTRY/]NAME-BACKEND:TAG`, the reference `builder build` tags and compose runs."""
         prefix = f"{self.registry.rstrip('/')}/" if self.registry else ""
         return f"{prefix}{self.name}-{backend}:{self.tag}"
@@ -196,45 +215,21 @@ class BuildSpec(BaseModel):
     def hub_revision(self) -> str:
         return self.revision or ("master" if self.model_source == "modelscope" else "main")
 
+    def runtime_base(self, backend: str) -> str:
+        """The runtime base image of `backend` (its CUDA variant's when `cuda` is on and it has one)."""
+        if self.cuda and backends.get(backend).cuda_base:
+            return getattr(self.base_images, f"{backend}_cuda")
+        return getattr(self.base_images, backend)
+
 
 # -- loading ---------------------------------------------------------------------------------
 
-# (flag, spec field, click kwargs). The Makefile's variables map onto these flags.
-_FLAGS: list[tuple[str, str, dict]] = [
-    ("--model", "model", {"help": "Model folder or hub id (Make: MODEL)."}),
-    ("--model-hub", "model_hub", {"type": click.Choice(["auto", "local", "huggingface", "modelscope"])}),
-    ("--revision", "revision", {"help": "Hub revision."}),
-    ("--adapter", "adapter", {"help": "LoRA adapter folder (Make: ADAPTER)."}),
-    ("--backend", "backends", {"help": "Comma list of vllm,chatglmcpp,xinference or auto (Make: BACKEND)."}),
-    ("--quant", "quant", {"type": click.Choice(list(get_args(Quant))), "help": "GGML type (Make: QUANT)."}),
-    ("--served-model-name", "served_model_name", {}),
-    ("--name", "name", {"help": "Image repository name (Make: NAME)."}),
-    ("--tag", "tag", {"help": "Image tag (Make: TAG)."}),
-    ("--registry", "registry", {"help": "Registry prefix (Make: REGISTRY)."}),
-    ("--build-base", "base_images.build", {"help": "Base image of the build stage."}),
-    ("--vllm-base", "base_images.vllm", {}),
-    ("--chatglmcpp-base", "base_images.chatglmcpp", {}),
-    ("--xinference-base", "base_images.xinference", {}),
-    ("--chatglmcpp-cuda/--no-chatglmcpp-cuda", "chatglmcpp_cuda", {"default": None}),
-    ("--cuda-architectures", "cuda_architectures", {}),
-    ("--ca-bundle", "ca_bundle", {"help": "CA bundle file, a BuildKit secret (Make: CA_BUNDLE)."}),
-    ("--wheelhouse", "wheelhouse", {"help": "Local wheels for pip inside the build (Make: WHEELHOUSE)."}),
-    ("--trust-remote-code/--no-trust-remote-code", "trust_remote_code", {"default": None}),
-    ("--xinference-engine", "xinference_engine", {"type": click.Choice(["transformers", "vllm"])}),
-]
-
-
-def cli_options() -> list:
-    """click options for every spec field a user sets from the command line, plus --spec."""
-    options = [click.option("--spec", "spec_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML build spec (Make: SPEC).")]
-    for flag, field, kwargs in _FLAGS:
-        dest = field.replace(".", "__")
-        options.append(click.option(flag, dest, **{"default": None, **kwargs}))
-    return options
-
 
 def load_spec(flags: dict[str, Any] | None = None, *, resolve: bool = True) -> BuildSpec:
-    """Defaults < YAML file (`spec_file`) < flags. `resolve=True` also checks local paths exist."""
+    """Defaults < YAML file (`spec_file`) < flags. `resolve=True` also checks local paths exist.
+
+    `flags` maps field names to values (None: not given); nested fields use `__`
+    (`base_images__build`)."""
     flags = dict(flags or {})
     data: dict[str, Any] = {}
     spec_file = flags.pop("spec_file", None)
@@ -285,7 +280,9 @@ def check_paths(spec: BuildSpec) -> None:
     if not spec.model:
         raise BuilderError("no model given: pass MODEL=<folder or hub id> (or --model), or run `make demo`")
     if spec.model_source == "local" and not (Path(spec.model) / "config.json").is_file():
-        raise BuilderError(f"model folder {spec.model} has no config.json: point MODEL at a Hugging Face-format model folder")
+        raise BuilderError(
+            f"model folder {spec.model} has no config.json: point MODEL at a Hugging Face-format model folder"
+        )
     for field in ("adapter", "ca_bundle", "wheelhouse"):
         path = getattr(spec, field)
         if path is not None and not path.exists():

@@ -1,7 +1,7 @@
 """Helpers shared by test_serve.py and test_smoke.py (a plain module, no conftest): a tiny GLM-4 GGML
 file for a real chatglm_cpp.Pipeline, and an OpenAI server running in a thread on a free port.
 
-The GGML file comes from `builder.tiny` + `builder.convert` (the project's own path). Only if those
+The GGML file comes from `builder.demo.tiny` + `builder.model.convert` (the project's own path). Only if those
 modules cannot be imported does it fall back to writing a random byte-level GLM-4 state dict with
 chatglm.cpp's own ChatGLM4Converter.
 """
@@ -24,8 +24,8 @@ def tiny_ggml(tmp_path_factory) -> Path:
     if "ggml" not in _CACHE:
         out = tmp_path_factory.mktemp("tiny-ggml")
         try:
-            from builder.convert import convert_model
-            from builder.tiny import make_random_glm
+            from builder.demo.tiny import make_random_glm
+            from builder.model.convert import convert_model
         except ImportError:
             _CACHE["ggml"] = _fallback_ggml(out / "tiny-fallback.ggml")
         else:
@@ -49,11 +49,27 @@ def _fallback_ggml(out: Path) -> Path:
     hidden, heads, groups, ffn, layers, padded_vocab = 64, 4, 2, 128, 2, 288
     head_dim = hidden // heads
     config = SimpleNamespace(
-        add_bias_linear=False, add_qkv_bias=True, apply_residual_connection_post_layernorm=False,
-        kv_channels=head_dim, num_attention_heads=heads, hidden_size=hidden, multi_query_attention=True,
-        original_rope=True, post_layer_norm=True, rmsnorm=True, padded_vocab_size=padded_vocab,
-        multi_query_group_num=groups, num_layers=layers, ffn_hidden_size=ffn, layernorm_epsilon=1e-5,
-        pre_seq_len=None, rope_ratio=1, seq_length=512, eos_token_id=256, pad_token_id=256, quantization_bit=None,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        apply_residual_connection_post_layernorm=False,
+        kv_channels=head_dim,
+        num_attention_heads=heads,
+        hidden_size=hidden,
+        multi_query_attention=True,
+        original_rope=True,
+        post_layer_norm=True,
+        rmsnorm=True,
+        padded_vocab_size=padded_vocab,
+        multi_query_group_num=groups,
+        num_layers=layers,
+        ffn_hidden_size=ffn,
+        layernorm_epsilon=1e-5,
+        pre_seq_len=None,
+        rope_ratio=1,
+        seq_length=512,
+        eos_token_id=256,
+        pad_token_id=256,
+        quantization_bit=None,
     )
     gen = torch.Generator().manual_seed(0)
 
@@ -97,7 +113,7 @@ class ServerThread:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:

@@ -68,7 +68,9 @@ def randomize_adapter(peft_model, seed: int = 1) -> None:
                 p.copy_((0.05 * torch.randn(p.shape, generator=g)).to(p.dtype))
 
 
-def make_adapter(model, path: Path, *, seed: int = 1, safe: bool = True, base_path: str | None = None, **lora_kw) -> Path:
+def make_adapter(
+    model, path: Path, *, seed: int = 1, safe: bool = True, base_path: str | None = None, **lora_kw
+) -> Path:
     """A real peft LoRA adapter on `model` (which it wraps in place), random weights, saved with save_pretrained."""
     from peft import LoraConfig, get_peft_model
 

@@ -47,8 +47,7 @@ def docker(*args: str, check: bool = True, timeout: float = 600, **kw) -> subpro
     proc = subprocess.run([DOCKER, *args], env=docker_env(), timeout=timeout, **kw)
     if check and proc.returncode != 0:
         pytest.fail(
-            f"docker {' '.join(args)} exited {proc.returncode}\n"
-            f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}",
+            f"docker {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}",
             pytrace=False,
         )
     return proc

@@ -65,11 +65,27 @@ def test_buildkit_cache_and_secret_mounts(docker_engine, local_bases, docker_cmd
     try:
         counts = []
         for i in range(2):  # the RUN re-executes (new BUST), the cache mount's content persists
-            docker_cmd("build", "--progress=plain", "--build-arg", f"BUST={run_id}-{i}",
-                       "--secret", f"id=tok,src={secret_file}", "-t", f"{tag}-{i}", str(ctx), timeout=300)
-            out = docker_cmd("run", "--rm", f"{tag}-{i}", "sh", "-c",
-                             "cat /cache-builds /secret.sha256; test ! -e /run/secrets/tok && echo no-secret-file",
-                             timeout=120)
+            docker_cmd(
+                "build",
+                "--progress=plain",
+                "--build-arg",
+                f"BUST={run_id}-{i}",
+                "--secret",
+                f"id=tok,src={secret_file}",
+                "-t",
+                f"{tag}-{i}",
+                str(ctx),
+                timeout=300,
+            )
+            out = docker_cmd(
+                "run",
+                "--rm",
+                f"{tag}-{i}",
+                "sh",
+                "-c",
+                "cat /cache-builds /secret.sha256; test ! -e /run/secrets/tok && echo no-secret-file",
+                timeout=120,
+            )
             lines = out.stdout.split()
             counts.append(int(lines[0]))
             assert lines[1] == hashlib.sha256(secret.encode()).hexdigest(), "secret was not mounted during RUN"
@@ -102,7 +118,7 @@ def test_compose_runs_a_service(docker_engine, local_bases, docker_cmd, tmp_path
         "services:\n"
         "  hello:\n"
         f"    image: {local_bases['python']}\n"
-        "    command: [\"python3\", \"-c\", \"print('compose-ok')\"]\n"
+        '    command: ["python3", "-c", "print(\'compose-ok\')"]\n'
     )
     base = ["compose", "-p", project, "-f", str(tmp_path / "compose.yaml")]
     try:
@@ -121,14 +137,18 @@ def test_registry_push_and_manifest(docker_engine, local_registry, docker_cmd, t
     try:
         docker_cmd("build", "-t", ref, str(tmp_path), timeout=120)
         push = docker_cmd("push", ref, timeout=120)
-        pushed = [w for line in push.stdout.splitlines() if "digest:" in line for w in line.split() if w.startswith("sha256:")]
+        pushed = [
+            w for line in push.stdout.splitlines() if "digest:" in line for w in line.split() if w.startswith("sha256:")
+        ]
         assert pushed, push.stdout
         digest = pushed[0]
 
-        accept = ", ".join([
-            "application/vnd.docker.distribution.manifest.v2+json",
-            "application/vnd.oci.image.manifest.v1+json",
-        ])
+        accept = ", ".join(
+            [
+                "application/vnd.docker.distribution.manifest.v2+json",
+                "application/vnd.oci.image.manifest.v1+json",
+            ]
+        )
         url = f"http://{local_registry}/v2/harness-test/tiny/manifests/{run_id}"
         with urllib.request.urlopen(urllib.request.Request(url, headers={"Accept": accept}), timeout=10) as r:
             body = r.read()
@@ -165,8 +185,15 @@ def test_bases_builds_dockerfiles_with_ca_secret(docker_engine, local_bases, doc
     try:
         out = harness_cmd("bases", timeout=900, **env)
         assert f"building {image}" in out, out
-        run = docker_cmd("run", "--rm", image, "sh", "-c",
-                         "cat /marker.txt /downloaded.txt; test ! -e /run/secrets/ca && echo no-ca", timeout=120)
+        run = docker_cmd(
+            "run",
+            "--rm",
+            image,
+            "sh",
+            "-c",
+            "cat /marker.txt /downloaded.txt; test ! -e /run/secrets/ca && echo no-ca",
+            timeout=120,
+        )
         assert "from-the-context" in run.stdout
         assert "six-" in run.stdout and run.stdout.strip().endswith("no-ca"), run.stdout
         out = harness_cmd("bases", timeout=300, **env)

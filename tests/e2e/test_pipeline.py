@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import demo
-from builder.smoke import BACKEND_GAPS, chat, run_smoke
+from builder import backends
+from builder.demo import model as demo
+from builder.runtime.smoke import chat, run_smoke
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,23 +31,34 @@ TIMINGS: dict[str, float] = {}
 
 
 def docker(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    res = subprocess.run(["/usr/bin/docker", *args], capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "DOCKER_BUILDKIT": "1"})
+    res = subprocess.run(
+        ["/usr/bin/docker", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "DOCKER_BUILDKIT": "1"},
+    )
     if check:
         assert res.returncode == 0, f"docker {' '.join(args)}: {res.stdout[-3000:]}{res.stderr[-3000:]}"
     return res
 
 
 def _make(*args: str, env: dict | None = None, timeout: float = 3000) -> subprocess.CompletedProcess:
-    res = subprocess.run(["make", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, **(env or {})})
+    res = subprocess.run(
+        ["make", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     assert res.returncode == 0, f"make {' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
     return res
 
 
 def _compose(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    res = subprocess.run(["/usr/bin/docker", "compose", "--project-directory", str(REPO), *args],
-                         cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(
+        ["/usr/bin/docker", "compose", "--project-directory", str(REPO), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check:
         assert res.returncode == 0, res.stdout + res.stderr
     return res
@@ -60,9 +72,17 @@ def _image(backend: str) -> str:
 def built(docker_engine, local_bases, demo_models):
     assert {"python", "xinference"} <= set(local_bases), local_bases
     start = time.monotonic()
-    _make("image", f"MODEL={demo_models['base']}", f"ADAPTER={demo_models['adapter']}",
-          f"BACKEND={','.join(BACKENDS)}", "QUANT=q8_0", f"SPEC={SPEC}", f"NAME={NAME}", f"TAG={TAG}",
-          env={"API_KEY": API_KEY})
+    _make(
+        "image",
+        f"MODEL={demo_models['base']}",
+        f"ADAPTER={demo_models['adapter']}",
+        f"BACKEND={','.join(BACKENDS)}",
+        "QUANT=q8_0",
+        f"SPEC={SPEC}",
+        f"NAME={NAME}",
+        f"TAG={TAG}",
+        env={"API_KEY": API_KEY},
+    )
     TIMINGS["first build"] = time.monotonic() - start
     env = (REPO / ".env").read_text()
     for key, value in [("COMPOSE_PROFILES", ",".join(BACKENDS)), ("API_KEY", API_KEY)]:
@@ -93,15 +113,22 @@ def _served_name(demo_models) -> str:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lora_answer_from_every_backend(up, backend):
-    answer = chat(_url(backend), _served_name(up), [{"role": "user", "content": demo.CHANGED_PROMPT}],
-                  api_key=API_KEY, max_tokens=32, temperature=0)
+    answer = chat(
+        _url(backend),
+        _served_name(up),
+        [{"role": "user", "content": demo.CHANGED_PROMPT}],
+        api_key=API_KEY,
+        max_tokens=32,
+        temperature=0,
+    )
     assert answer.strip() == demo.LORA_ANSWERS[demo.CHANGED_PROMPT].strip()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_smoke_and_health(up, backend):
-    assert run_smoke(url=_url(backend), model=_served_name(up), api_key=API_KEY, timeout=120,
-                     skip=BACKEND_GAPS.get(backend, frozenset()))
+    assert run_smoke(
+        url=_url(backend), model=_served_name(up), api_key=API_KEY, timeout=120, skip=backends.get(backend).smoke_skip
+    )
     state = docker("inspect", "-f", "{{.State.Health.Status}}", _container(backend)).stdout.strip()
     assert state == "healthy"
 
@@ -127,8 +154,15 @@ def test_labels_and_runtime_contents(up, demo_models):
     assert labels["org.opencontainers.image.title"]
     assert info["Config"]["User"] == "10001:10001"
     # no compiler and no torch in the chatglm.cpp runtime
-    probe = docker("run", "--rm", "--entrypoint", "sh", _image("chatglmcpp"), "-c",
-                   "command -v gcc g++ cc || true; python3 -c 'import torch' 2>&1 || true").stdout
+    probe = docker(
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        _image("chatglmcpp"),
+        "-c",
+        "command -v gcc g++ cc || true; python3 -c 'import torch' 2>&1 || true",
+    ).stdout
     assert "gcc" not in probe and "No module named 'torch'" in probe
 
 
@@ -137,15 +171,39 @@ def test_serves_offline(up, demo_models):
     for backend in BACKENDS:
         name = f"e2e-offline-{backend}"
         docker("rm", "-f", name, check=False)
-        docker("run", "-d", "--name", name, "--network", "none", "-e", f"API_KEY={API_KEY}",
-               "-e", f"XINFERENCE_API_KEY={API_KEY}", _image(backend))
+        docker(
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "none",
+            "-e",
+            f"API_KEY={API_KEY}",
+            "-e",
+            f"XINFERENCE_API_KEY={API_KEY}",
+            _image(backend),
+        )
         try:
             port = {"chatglmcpp": 8001, "xinference": 9997}[backend]
             deadline = time.monotonic() + 300
             while True:
-                skips = [f"--skip={gap}" for gap in BACKEND_GAPS.get(backend, ())]
-                res = docker("exec", name, "python3", "-m", "builder.smoke", "--url", f"http://127.0.0.1:{port}",
-                             "--model", _served_name(demo_models), "--api-key", API_KEY, *skips, check=False)
+                skips = [f"--skip={gap}" for gap in sorted(backends.get(backend).smoke_skip)]
+                res = docker(
+                    "exec",
+                    name,
+                    "python3",
+                    "-m",
+                    "builder.runtime.smoke",
+                    "--url",
+                    f"http://127.0.0.1:{port}",
+                    "--model",
+                    _served_name(demo_models),
+                    "--api-key",
+                    API_KEY,
+                    *skips,
+                    check=False,
+                )
                 if res.returncode == 0:
                     break
                 assert time.monotonic() < deadline, res.stdout + res.stderr
@@ -174,8 +232,14 @@ def test_crashed_backend_restarts(up, demo_models):
             break
         assert time.monotonic() < deadline, state
         time.sleep(2)
-    answer = chat(_url(backend), _served_name(demo_models), [{"role": "user", "content": demo.CHANGED_PROMPT}],
-                  api_key=API_KEY, max_tokens=32, temperature=0)
+    answer = chat(
+        _url(backend),
+        _served_name(demo_models),
+        [{"role": "user", "content": demo.CHANGED_PROMPT}],
+        api_key=API_KEY,
+        max_tokens=32,
+        temperature=0,
+    )
     assert answer.strip() == demo.LORA_ANSWERS[demo.CHANGED_PROMPT].strip()
 
 
@@ -190,14 +254,29 @@ def test_push_pull_by_digest(up, local_registry, demo_models):
     docker("pull", f"{repo_tag.rsplit(':', 1)[0]}@{digest}")
     name = "e2e-pulled"
     docker("rm", "-f", name, check=False)
-    docker("run", "-d", "--name", name, "-p", "127.0.0.1:18101:8001", "-e", f"API_KEY={API_KEY}",
-           f"{repo_tag.rsplit(':', 1)[0]}@{digest}")
+    docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "-p",
+        "127.0.0.1:18101:8001",
+        "-e",
+        f"API_KEY={API_KEY}",
+        f"{repo_tag.rsplit(':', 1)[0]}@{digest}",
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
             try:
-                answer = chat("http://127.0.0.1:18101", _served_name(demo_models),
-                              [{"role": "user", "content": demo.CHANGED_PROMPT}], api_key=API_KEY, max_tokens=32, temperature=0)
+                answer = chat(
+                    "http://127.0.0.1:18101",
+                    _served_name(demo_models),
+                    [{"role": "user", "content": demo.CHANGED_PROMPT}],
+                    api_key=API_KEY,
+                    max_tokens=32,
+                    temperature=0,
+                )
                 break
             except Exception:
                 assert time.monotonic() < deadline
@@ -210,8 +289,16 @@ def test_push_pull_by_digest(up, local_registry, demo_models):
 def test_hub_token_never_lands_in_the_image(built, tmp_path):
     """Build with a dummy token secret and search history and every layer's files for it."""
     token = "hf_DUMMYsecretTOKEN_e2e_4242"
-    _make("image", f"MODEL={built['base']}", "BACKEND=chatglmcpp", "QUANT=q8_0", f"SPEC={SPEC}",
-          f"NAME={NAME}-secret", f"TAG={TAG}", env={"HF_TOKEN": token, "API_KEY": API_KEY})
+    _make(
+        "image",
+        f"MODEL={built['base']}",
+        "BACKEND=chatglmcpp",
+        "QUANT=q8_0",
+        f"SPEC={SPEC}",
+        f"NAME={NAME}-secret",
+        f"TAG={TAG}",
+        env={"HF_TOKEN": token, "API_KEY": API_KEY},
+    )
     image = f"{NAME}-secret-chatglmcpp:{TAG}"
     try:
         history = docker("history", "--no-trunc", image).stdout
@@ -253,12 +340,23 @@ def test_adapter_only_rebuild_reuses_code_layers(built, tmp_path):
     shutil.copytree(built["adapter"], adapter2)
     (adapter2 / "README.md").write_text("retrained adapter\n")
     start = time.monotonic()
-    _make("image", f"MODEL={built['base']}", f"ADAPTER={adapter2}", "BACKEND=chatglmcpp", "QUANT=q8_0",
-          f"SPEC={SPEC}", f"NAME={NAME}", f"TAG={TAG}", env={"API_KEY": API_KEY})
+    _make(
+        "image",
+        f"MODEL={built['base']}",
+        f"ADAPTER={adapter2}",
+        "BACKEND=chatglmcpp",
+        "QUANT=q8_0",
+        f"SPEC={SPEC}",
+        f"NAME={NAME}",
+        f"TAG={TAG}",
+        env={"API_KEY": API_KEY},
+    )
     TIMINGS["adapter-only rebuild"] = time.monotonic() - start
     log = (REPO / "build" / NAME / "logs" / "chatglmcpp.log").read_text()
     steps = _step_states(log)
-    assert all(state == "CACHED" for stage, state in steps.items() if stage.startswith(("build-env", "chatglm-wheel"))), steps
+    assert all(
+        state == "CACHED" for stage, state in steps.items() if stage.startswith(("build-env", "chatglm-wheel"))
+    ), steps
     for stage in ("model", "ggml"):
         assert any(k.startswith(stage + " ") and v == "DONE" for k, v in steps.items()), (stage, steps)
     print("\nTIMINGS", json.dumps(TIMINGS))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import VLLM_UNSUPPORTED
+from builder.backends import VLLM_UNSUPPORTED
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "tests" / "e2e" / "local-bases.yaml"
@@ -36,17 +36,35 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def vllm_base(local_bases) -> str:
     if "vllm" not in local_bases:
-        pytest.skip(f"{VLLM_BASE} is absent: the ~9 GB vLLM base is built only on request "
-                    "(make e2e-vllm, or HARNESS_BASES=vllm scripts/harness.sh bases)")
+        pytest.skip(
+            f"{VLLM_BASE} is absent: the ~9 GB vLLM base is built only on request "
+            "(make e2e-vllm, or HARNESS_BASES=vllm scripts/harness.sh bases)"
+        )
     return local_bases["vllm"]
 
 
-def builder_build(model: Path, name: str, adapter: Path | None = None, timeout: float = 3600) -> subprocess.CompletedProcess:
+def builder_build(
+    model: Path, name: str, adapter: Path | None = None, timeout: float = 3600
+) -> subprocess.CompletedProcess:
     """`python -m builder build --backend vllm` as a user runs it; the .env it writes is put back afterwards."""
     env_file = REPO / ".env"
     saved = env_file.read_bytes() if env_file.exists() else None
-    argv = [sys.executable, "-m", "builder", "build", "--spec", str(SPEC), "--model", str(model),
-            "--backend", "vllm", "--name", name, "--tag", TAG]
+    argv = [
+        sys.executable,
+        "-m",
+        "builder",
+        "build",
+        "--spec",
+        str(SPEC),
+        "--model",
+        str(model),
+        "--backend",
+        "vllm",
+        "--name",
+        name,
+        "--tag",
+        TAG,
+    ]
     if adapter:
         argv += ["--adapter", str(adapter)]
     try:
@@ -72,9 +90,19 @@ def refused(vllm_base, tmp_path_factory) -> tuple[subprocess.CompletedProcess, s
     """Build a model folder whose architecture vLLM 0.33 dropped; only config.json matters to the check."""
     model = tmp_path_factory.mktemp("baichuan") / "tiny-baichuan"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({
-        "architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "hidden_size": 64,
-        "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 128, "torch_dtype": "float32"}))
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["BaichuanForCausalLM"],
+                "model_type": "baichuan",
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "num_hidden_layers": 2,
+                "vocab_size": 128,
+                "torch_dtype": "float32",
+            }
+        )
+    )
     (model / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     (model / "model.safetensors").write_bytes(b"\0" * 64)  # never read: the build stops before the merge
     start = time.monotonic()
@@ -92,27 +120,38 @@ def built(vllm_base, demo_models, docker_cmd) -> dict:
     return json.loads(docker_cmd("image", "inspect", IMAGE).stdout)[0]
 
 
-# ---- the facts builder.build relies on for BACKEND=auto -----------------------------------------
+# ---- the facts builder.image.build relies on for BACKEND=auto -----------------------------------------
+
 
 def test_registry_of_the_base_matches_builders_static_table(vllm_base, docker_cmd):
-    probe = ("import json, vllm; from vllm.model_executor.models import ModelRegistry; "
-             "print(json.dumps({'version': vllm.__version__, 'archs': sorted(ModelRegistry.get_supported_archs())}))")
+    probe = (
+        "import json, vllm; from vllm.model_executor.models import ModelRegistry; "
+        "print(json.dumps({'version': vllm.__version__, 'archs': sorted(ModelRegistry.get_supported_archs())}))"
+    )
     out = docker_cmd("run", "--rm", "--network", "none", "--entrypoint", "python3", vllm_base, "-c", probe).stdout
     facts = json.loads(out.strip().splitlines()[-1])
     archs = set(facts["archs"])
     assert facts["version"].startswith("0.33.0")
     assert {"GlmForCausalLM", "ChatGLMModel", "LlamaForCausalLM"} <= archs
-    assert not VLLM_UNSUPPORTED & archs, f"builder.build.VLLM_UNSUPPORTED lists archs vLLM serves: {VLLM_UNSUPPORTED & archs}"
+    assert not VLLM_UNSUPPORTED & archs, (
+        f"builder.backends.VLLM_UNSUPPORTED lists archs vLLM serves: {VLLM_UNSUPPORTED & archs}"
+    )
 
 
 # ---- (b) refusal ----------------------------------------------------------------------------------
+
 
 def test_unsupported_architecture_is_refused_with_the_alternatives(refused):
     res, log = refused
     assert res.returncode != 0, "the build of an unsupported architecture succeeded"
     out = res.stdout + res.stderr
     assert "failed in stage `arch-check`" in out, out[-3000:]
-    for needle in ("cannot serve BaichuanForCausalLM", "BACKEND=xinference", "BACKEND=chatglmcpp", "newer vLLM base image"):
+    for needle in (
+        "cannot serve BaichuanForCausalLM",
+        "BACKEND=xinference",
+        "BACKEND=chatglmcpp",
+        "newer vLLM base image",
+    ):
         assert needle in out, f"{needle!r} missing from:\n{out[-3000:]}"
     assert "error: vLLM 0.33.0 cannot serve BaichuanForCausalLM" in log
 
@@ -129,6 +168,7 @@ def test_refusal_comes_before_any_heavy_step(refused, docker_cmd):
 
 # ---- (a) the demo model -------------------------------------------------------------------------
 
+
 def test_demo_model_passes_the_check_and_builds(built, demo_models):
     log = build_log(NAME)
     checked = "vLLM 0.33.0 supports GlmForCausalLM" in log
@@ -140,19 +180,45 @@ def test_demo_model_passes_the_check_and_builds(built, demo_models):
     assert labels["io.llm-builder.adapter-digest"].startswith("sha256:")
     assert labels["io.llm-builder.builder-version"]
     assert labels["org.opencontainers.image.title"] == f"{demo_models['base'].name}-vllm"
-    assert built["Config"]["Entrypoint"] == ["python3", "-m", "builder.vllm_boot", "serve"]
+    assert built["Config"]["Entrypoint"] == ["python3", "-m", "builder.runtime.vllm_boot", "serve"]
     assert built["Config"]["User"] == "10001:10001"
     assert "/health" in " ".join(built["Config"]["Healthcheck"]["Test"])
     assert "8000/tcp" in built["Config"]["ExposedPorts"]
 
 
 def test_serve_argv_inside_the_image(built, demo_models, docker_cmd):
-    out = docker_cmd("run", "--rm", "--network", "none", "--entrypoint", "python3",
-                  "-e", "VLLM_EXTRA_ARGS=--max-model-len 512 --enforce-eager", "-e", "API_KEY=e2e-secret",
-                  IMAGE, "-m", "builder.vllm_boot", "serve", "--print").stdout
+    out = docker_cmd(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "python3",
+        "-e",
+        "VLLM_EXTRA_ARGS=--max-model-len 512 --enforce-eager",
+        "-e",
+        "API_KEY=e2e-secret",
+        IMAGE,
+        "-m",
+        "builder.runtime.vllm_boot",
+        "serve",
+        "--print",
+    ).stdout
     argv = shlex.split(out.strip().splitlines()[-1])
-    assert argv == ["vllm", "serve", "/models/model", "--served-model-name", demo_models["base"].name,
-                    "--host", "0.0.0.0", "--port", "8000", "--max-model-len", "512", "--enforce-eager"]
+    assert argv == [
+        "vllm",
+        "serve",
+        "/models/model",
+        "--served-model-name",
+        demo_models["base"].name,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+        "--max-model-len",
+        "512",
+        "--enforce-eager",
+    ]
     assert "e2e-secret" not in out
 
 
@@ -161,8 +227,19 @@ def test_image_contents(built, docker_cmd):
     volume = "e2evllm-cache-probe"
     docker_cmd("volume", "rm", "-f", volume, check=False)
     try:
-        probe = docker_cmd("run", "--rm", "--network", "none", "-v", f"{volume}:/home/app/.cache", "--entrypoint", "sh",
-                        IMAGE, "-c", "command -v vllm && ls /models/model && touch /home/app/.cache/ok && echo cache-ok").stdout
+        probe = docker_cmd(
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-v",
+            f"{volume}:/home/app/.cache",
+            "--entrypoint",
+            "sh",
+            IMAGE,
+            "-c",
+            "command -v vllm && ls /models/model && touch /home/app/.cache/ok && echo cache-ok",
+        ).stdout
     finally:
         docker_cmd("volume", "rm", "-f", volume, check=False)
     assert "/vllm" in probe and "cache-ok" in probe
@@ -172,5 +249,9 @@ def test_image_contents(built, docker_cmd):
 
 def test_report_timings(built, refused, docker_cmd):
     sizes = {img: docker_cmd("image", "inspect", "-f", "{{.Size}}", img).stdout.strip() for img in (VLLM_BASE, IMAGE)}
-    print("\nvLLM e2e timings:", {k: f"{v:.0f}s" for k, v in TIMINGS.items()},
-          "sizes:", {k: f"{int(v) / 1e9:.2f} GB" for k, v in sizes.items()})
+    print(
+        "\nvLLM e2e timings:",
+        {k: f"{v:.0f}s" for k, v in TIMINGS.items()},
+        "sizes:",
+        {k: f"{int(v) / 1e9:.2f} GB" for k, v in sizes.items()},
+    )

@@ -1,0 +1,255 @@
+"""Command line: one thin function per subcommand; the stage modules hold the logic.
+
+Heavy stage modules (torch, chatglm_cpp, xinference) are imported inside their command so that
+`render`, `smoke` and `--help` start instantly and work in images that lack them.
+
+Make variables arrive as BUILDER_<VARIABLE> environment variables (see the Makefile), which click
+reads as the value of the matching flag: a value is never pasted into a shell command line.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from builder import __version__, backends
+from builder.errors import BuilderError
+
+PathArg = click.Path(path_type=Path)
+
+
+class _Group(click.Group):
+    """Maps BuilderError, raised anywhere below, to its message and exit status, in one place."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BuilderError as e:
+            error = click.ClickException(str(e))
+            error.exit_code = e.exit_code
+            raise error from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="builder")
+def cli() -> None:
+    """Build and serve fine-tuned LLMs as container images, one per backend."""
+
+
+# (flag, spec field, Make variable or None, click kwargs). Nested spec fields use "__".
+SPEC_OPTIONS: list[tuple[str, str, str | None, dict]] = [
+    ("--spec", "spec_file", "SPEC", {"type": click.Path(dir_okay=False, path_type=Path), "help": "YAML build spec."}),
+    ("--model", "model", "MODEL", {"help": "Model folder or hub id (org/name)."}),
+    ("--model-hub", "model_hub", None, {"type": click.Choice(["auto", "local", "huggingface", "modelscope"])}),
+    ("--revision", "revision", None, {"help": "Hub revision."}),
+    ("--adapter", "adapter", "ADAPTER", {"help": "LoRA adapter folder."}),
+    ("--backend", "backends", "BACKEND", {"help": f"Comma list of {','.join(backends.NAMES)}, or auto."}),
+    ("--quant", "quant", "QUANT", {"type": click.Choice(backends.QUANTS), "help": "Quantization type."}),
+    ("--served-model-name", "served_model_name", None, {}),
+    ("--name", "name", "NAME", {"help": "Image repository name."}),
+    ("--tag", "tag", "TAG", {"help": "Image tag."}),
+    ("--registry", "registry", "REGISTRY", {"help": "Registry prefix."}),
+    ("--build-base", "base_images__build", None, {"help": "Base image of the build stage."}),
+    *[(f"--{name}-base", f"base_images__{name}", None, {}) for name in backends.NAMES],
+    ("--cuda/--no-cuda", "cuda", None, {"help": "Build the CUDA variant of backends that have one."}),
+    ("--cuda-architectures", "cuda_architectures", None, {}),
+    ("--ca-bundle", "ca_bundle", "CA_BUNDLE", {"help": "CA bundle file, a BuildKit secret."}),
+    ("--wheelhouse", "wheelhouse", "WHEELHOUSE", {"help": "Local wheels for pip inside the build."}),
+    ("--trust-remote-code/--no-trust-remote-code", "trust_remote_code", None, {}),
+    ("--xinference-engine", "xinference_engine", None, {"type": click.Choice(["transformers", "vllm"])}),
+]
+
+
+def spec_options(f):
+    """The build-spec flags shared by `render`, `build` and `push`; Make variables map onto them."""
+    for flag, field, make_var, kwargs in reversed(SPEC_OPTIONS):
+        extra = {}
+        if make_var:
+            extra = {"envvar": f"BUILDER_{make_var}", "show_envvar": True}
+            kwargs = {**kwargs, "help": f"{kwargs.get('help', '')} (Make: {make_var})".strip()}
+        f = click.option(flag, field, default=None, **extra, **kwargs)(f)
+    return f
+
+
+def _spec(flags: dict, resolve: bool = True):
+    from builder.spec import load_spec
+
+    return load_spec(flags, resolve=resolve)
+
+
+@cli.command()
+@spec_options
+@click.option("--out", type=PathArg, default=Path("."), show_default=True, help="Folder for the rendered files.")
+def render(out: Path, **flags) -> None:
+    """Render every backend's Dockerfile and compose.yaml."""
+    from builder.image.render import render_all
+
+    for path in render_all(_spec(flags, resolve=False), out):
+        click.echo(path)
+
+
+@cli.command("spec")
+@spec_options
+def show_spec(**flags) -> None:
+    """Print the resolved build spec as YAML (usable as a SPEC file) and the backends it builds."""
+    import yaml
+
+    from builder.image.build import resolve_backends
+    from builder.spec import read_model_config
+
+    spec = _spec(flags)
+    data = spec.model_dump(mode="json", exclude_none=True)
+    data["backends"] = resolve_backends(spec, read_model_config(spec))
+    click.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), nl=False)
+
+
+@cli.command()
+@spec_options
+def build(**flags) -> None:
+    """Render, prepare a build context and build the requested backend images."""
+    from builder.image.build import build as build_images
+
+    build_images(_spec(flags))
+
+
+@cli.command()
+@spec_options
+def push(**flags) -> None:
+    """Push every built backend image and verify its digest in the registry."""
+    from builder.image.push import push as push_images
+
+    push_images(_spec(flags, resolve=False))
+
+
+# -- the model stage (also run inside the image build) ------------------------------------------
+
+
+@cli.command()
+@click.option("--base", type=PathArg, help="Base model folder (default: from the adapter's config or SWIFT args).")
+@click.option("--adapter", type=PathArg, help="LoRA adapter folder (peft or SWIFT checkpoint-N).")
+@click.option("--out", type=PathArg, help="Output folder (default: {adapter}-merged).")
+@click.option(
+    "--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def merge(base, adapter, out, dtype, device, force, quiet) -> None:
+    """Merge a LoRA adapter into its base, one shard at a time."""
+    from builder.model.merge import merge_model
+
+    path = merge_model(base=base, adapter=adapter, out=out, dtype=dtype, device=device, force=force, quiet=quiet)
+    click.echo(path)
+
+
+@cli.command()
+@click.option("--model", "model", type=PathArg, required=True, help="Model folder (ChatGLM2/3, GLM-4 or native GLM).")
+@click.option("--quant", type=click.Choice(backends.GGML_QUANTS), default="q4_0", show_default=True)
+@click.option("--out", type=PathArg, required=True, help="Output GGML file.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def convert(model, quant, out, quiet) -> None:
+    """Convert a model folder to chatglm.cpp's GGML format, without running code from the folder."""
+    from builder.model.convert import convert_model
+
+    click.echo(convert_model(model, quant=quant, out=out, quiet=quiet))
+
+
+@cli.command()
+@click.argument("file", type=PathArg)
+def inspect(file) -> None:
+    """Print and validate a chatglm.cpp GGML file."""
+    from builder.model.convert.inspect import main as inspect_main
+
+    inspect_main(file)
+
+
+@cli.command("prepare-model", hidden=True)
+@click.option("--source", type=click.Choice(["local", "huggingface", "modelscope"]), default="local")
+@click.option("--model-id", default="")
+@click.option("--revision", default="")
+@click.option("--local", type=PathArg, default=Path("/ctx/model"))
+@click.option("--adapter", type=PathArg, default=None)
+@click.option("--dtype", default="auto")
+@click.option("--out", type=PathArg, required=True)
+def prepare_model(source, model_id, revision, local, adapter, dtype, out) -> None:
+    """(build stage) Fetch the base model and merge the adapter into --out."""
+    from builder.model.fetch import prepare_model as run
+
+    click.echo(run(source, model_id, revision or None, local, adapter, out, dtype))
+
+
+# -- serving and checking -----------------------------------------------------------------------
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """OpenAI-compatible chatglm.cpp server (the image's entrypoint; `serve --help` lists its options)."""
+    from builder.runtime.chatglmcpp.__main__ import main as runtime_main
+
+    sys.exit(runtime_main(["serve", *ctx.args]))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.pass_context
+def chat(ctx: click.Context) -> None:
+    """Interactive terminal chat with a GGML model (`chat --help` lists its options)."""
+    from builder.runtime.chatglmcpp.__main__ import main as runtime_main
+
+    sys.exit(runtime_main(["chat", *ctx.args]))
+
+
+@cli.command()
+@click.option("--url", required=True, help="Base URL, e.g. http://127.0.0.1:8001")
+@click.option("--model", required=True, help="Served model name.")
+@click.option("--api-key", default=None, envvar="API_KEY", help="Bearer key (default: $API_KEY).")
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.option(
+    "--skip",
+    multiple=True,
+    type=click.Choice(["models", "completions", "chat", "chat-stream"]),
+    help="A check the backend cannot pass (Xinference's transformers engine: completions).",
+)
+def smoke(url, model, api_key, timeout, skip) -> None:
+    """Check one OpenAI-compatible server: models, completions, chat (plain and streaming)."""
+    from builder.runtime.smoke import run_smoke
+
+    if not run_smoke(url=url, model=model, api_key=api_key, timeout=timeout, skip=frozenset(skip)):
+        sys.exit(1)
+
+
+@cli.command("smoke-up")
+def smoke_up() -> None:
+    """Run `smoke` against every compose service that is up (ports and key from .env)."""
+    from builder.demo.quickstart import smoke_running
+
+    if not smoke_running():
+        sys.exit(1)
+
+
+# -- the demo -----------------------------------------------------------------------------------
+
+
+@cli.command("demo-model")
+@click.option("--out", type=PathArg, required=True, help="Folder for base/ (tiny GLM) and adapter/ (its LoRA).")
+@click.option("--force", is_flag=True, help="Retrain even when the folder is up to date.")
+def demo_model(out, force) -> None:
+    """Train the embedded demo model (tiny GLM + LoRA, seconds on CPU); print the two folders."""
+    from builder.demo.model import build_demo
+
+    for path in build_demo(out, force=force, quiet=True):
+        click.echo(path)
+
+
+@cli.command()
+def demo() -> None:
+    """Train the demo model + LoRA, build its images, serve them, ask the LoRA's question."""
+    from builder.demo.quickstart import run_demo
+
+    run_demo()
+
+
+def main() -> None:
+    cli(prog_name="builder")

@@ -1,0 +1,1 @@
+"""The demo: a tiny GLM + LoRA trained in seconds (model, tiny) and `make demo` (quickstart)."""

@@ -1,0 +1,248 @@
+"""`builder build` (what `make image` runs): spec -> render -> context -> docker build -> .env.
+
+The merge and the GGML conversion run inside the image build (the Dockerfiles' build stage);
+this module decides what goes into the build context, which build args and secrets each backend
+gets, and writes the .env that lets a plain `docker compose up` start exactly what was built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from builder import __version__, backends
+from builder.errors import BuilderError
+from builder.image.docker import Docker
+from builder.image.render import render_all
+from builder.spec import BuildSpec, read_model_config
+
+PACKAGE = Path(__file__).resolve().parents[1]  # builder/, copied whole into the build context
+console = Console(stderr=True)
+
+
+@dataclass
+class Built:
+    backend: str
+    image: str
+    image_id: str
+    size_mb: float
+    seconds: float
+
+
+def resolve_backends(spec: BuildSpec, config: dict | None) -> list[str]:
+    """The backends to build, in registry order: the spec's list, or (auto) every backend whose
+    registry check accepts the model. A chosen backend that cannot serve it, or cannot produce
+    QUANT, is an error that says why."""
+    if spec.backends:
+        chosen = list(spec.backends)
+        if config is not None:
+            for name in chosen:
+                backend = backends.get(name)
+                reason = backend.check(config, spec) if backend.check_explicit else None
+                if reason:
+                    raise BuilderError(f"BACKEND={name}: {backend.title} cannot serve this model: {reason}")
+    elif config is None:
+        raise BuilderError("BACKEND=auto needs a local model to read config.json from; for hub models pass BACKEND=...")
+    else:
+        chosen, skipped = [], []
+        for backend in backends.REGISTRY.values():
+            reason = backend.check(config, spec)
+            if reason:
+                skipped.append(f"{backend.name}: {reason}")
+            else:
+                chosen.append(backend.name)
+        if not chosen:
+            raise BuilderError("no backend serves this model:\n  " + "\n  ".join(skipped))
+        for line in skipped:
+            console.print(f"[yellow]BACKEND=auto skips[/] {line}")
+    _check_quant(spec, chosen)
+    return [name for name in backends.NAMES if name in chosen]
+
+
+def _check_quant(spec: BuildSpec, chosen: list[str]) -> None:
+    """QUANT must be a type every chosen backend that quantizes can produce."""
+    for name in chosen:
+        backend = backends.get(name)
+        if backend.quants and spec.quant not in backend.quants:
+            accept = [b.name for b in backends.REGISTRY.values() if spec.quant in b.quants]
+            raise BuilderError(
+                f"QUANT={spec.quant}: {backend.title} cannot produce it (it builds {', '.join(backend.quants)})"
+                + (f"; {spec.quant} is built by BACKEND={','.join(accept)}" if accept else "")
+            )
+
+
+def digest_dir(path: Path | None) -> str:
+    """sha256 over a folder's relative file names and contents (adapter provenance label)."""
+    if path is None:
+        return ""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def prepare_context(spec: BuildSpec, root: Path) -> Path:
+    """A minimal build context: builder's code, the model (local only), the adapter, wheels.
+
+    Weights are hard-linked where the filesystem allows, so even a 70B folder costs no copy.
+    """
+    ctx = root / "context"
+    if ctx.exists():
+        shutil.rmtree(ctx)
+    ctx.mkdir(parents=True)
+    shutil.copytree(PACKAGE, ctx / "src" / "builder", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name, source in (
+        ("model", Path(spec.model) if spec.model_source == "local" else None),
+        ("adapter", spec.adapter),
+        ("wheels", spec.wheelhouse),
+    ):
+        if source is None:
+            (ctx / name).mkdir()
+        else:
+            shutil.copytree(source, ctx / name, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(".git"))
+    (ctx / ".dockerignore").write_text("**/__pycache__\n**/*.pyc\n**/.git\n")
+    return ctx
+
+
+@contextmanager
+def build_secrets(spec: BuildSpec) -> Iterator[dict[str, Path]]:
+    """CA bundle and hub token as BuildKit secret files; the token file lives outside the context."""
+    found: dict[str, Path] = {}
+    if spec.ca_bundle:
+        found["ca"] = spec.ca_bundle.resolve()
+    token = os.environ.get(spec.hub_token_env)
+    with tempfile.TemporaryDirectory(prefix="builder-secrets-") as tmp:
+        if token:
+            path = Path(tmp) / "hub_token"
+            path.touch(mode=0o600)
+            path.write_text(token)
+            found["hub_token"] = path
+        yield found
+
+
+def build_args(spec: BuildSpec, backend: str) -> dict[str, str]:
+    record = backends.get(backend)
+    source = spec.model_source
+    return {
+        "BUILD_BASE": spec.base_images.build,
+        record.base_arg: spec.runtime_base(backend),
+        "MODEL_SOURCE": source,
+        "MODEL_ID": spec.model if source != "local" else "",
+        "MODEL_REVISION": spec.hub_revision if source != "local" else "",
+        "QUANT": spec.quant if record.quants else "",
+        "SERVED_MODEL_NAME": spec.served_model_name or "model",
+        "BASE_MODEL": spec.model if source != "local" else Path(spec.model).resolve().name,
+        "ADAPTER_DIGEST": digest_dir(spec.adapter),
+        "BUILDER_VERSION": __version__,
+        "SOURCE_REVISION": _git_revision(),
+        "TRUST_REMOTE_CODE": "1" if spec.trust_remote_code else "0",
+    }
+
+
+def _git_revision() -> str:
+    res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=PACKAGE)
+    return res.stdout.strip() if res.returncode == 0 else ""
+
+
+def write_env(spec: BuildSpec, built: list[str], path: Path) -> Path:
+    """.env for compose: images, profiles, ports, the API key (kept if one exists; else generated)."""
+    existing = read_env(path)
+    key = os.environ.get(spec.api_key_env) or existing.get(spec.api_key_env) or secrets.token_urlsafe(24)
+    values = {
+        "COMPOSE_PROFILES": ",".join(built),
+        **{f"{b.upper()}_IMAGE": spec.image(b) for b in backends.NAMES},
+        **{f"{b.upper()}_PORT": str(getattr(spec.ports, b)) for b in backends.NAMES},
+        "SERVED_MODEL_NAME": spec.served_model_name or "model",
+        spec.api_key_env: key,
+    }
+    text = "# Written by `builder build`; read by docker compose.\n" + "".join(f"{k}={v}\n" for k, v in values.items())
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.touch(mode=0o600)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def read_env(path: Path) -> dict[str, str]:
+    """KEY=VALUE pairs of a .env file ({} when there is none)."""
+    if not path.is_file():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def build(
+    spec: BuildSpec, workdir: Path = Path("build"), env_file: Path = Path(".env"), docker: Docker | None = None
+) -> list[Built]:
+    chosen = resolve_backends(spec, read_model_config(spec))
+    docker = docker or Docker.detect()
+    docker.require_engine()
+    root = workdir / spec.name
+    render_all(spec, root)
+    console.print(
+        f"[bold]building[/] {', '.join(chosen)} for [cyan]{spec.model}[/]"
+        + (f" + adapter [cyan]{spec.adapter}[/]" if spec.adapter else "")
+    )
+    ctx = prepare_context(spec, root)
+    built: list[Built] = []
+    with build_secrets(spec) as secret_files:
+        for backend in chosen:
+            image = spec.image(backend)
+            start = time.monotonic()
+            with console.status(f"[bold]{backend}[/]: starting") as status:
+
+                def show(line: str, _backend=backend, _status=status) -> None:
+                    if line.startswith("#") and ("[" in line or "DONE" in line or "CACHED" in line):
+                        _status.update(f"[bold]{_backend}[/]: {line[:110]}")
+
+                docker.build(
+                    ctx,
+                    root / f"Dockerfile.{backend}",
+                    image,
+                    build_args(spec, backend),
+                    secret_files,
+                    log=root / "logs" / f"{backend}.log",
+                    on_line=show,
+                )
+            info = docker.inspect(image)
+            built.append(
+                Built(
+                    backend,
+                    image,
+                    info["Id"].removeprefix("sha256:")[:12],
+                    info["Size"] / 1e6,
+                    time.monotonic() - start,
+                )
+            )
+            console.print(f"[green]built[/] {image} in {built[-1].seconds:.0f}s")
+    write_env(spec, chosen, env_file)
+    table = Table(title="images")
+    for col in ("backend", "image", "id", "size", "build time"):
+        table.add_column(col)
+    for b in built:
+        table.add_row(b.backend, b.image, b.image_id, f"{b.size_mb:.0f} MB", f"{b.seconds:.0f}s")
+    console.print(table)
+    console.print(f"compose settings written to {env_file}: `docker compose up -d --wait` starts them")
+    return built

@@ -1,0 +1,70 @@
+"""builder push without a registry: which images, digest verification, failures name the image."""
+
+import json
+import subprocess
+
+import pytest
+
+from builder.errors import BuilderError
+from builder.image.push import push
+from builder.spec import BuildSpec
+
+DIGEST = "sha256:" + "a" * 64
+
+
+class FakeDocker:
+    """Records calls; `local` images exist; pushes of `broken` fail; the registry serves `served`."""
+
+    def __init__(self, local, broken=(), served=DIGEST):
+        self.local, self.broken, self.served, self.calls = set(local), set(broken), served, []
+
+    def require_engine(self):
+        pass
+
+    def run(self, *args, check=True, env=None):
+        self.calls.append(args)
+        if args[:2] == ("image", "inspect"):
+            return subprocess.CompletedProcess(args, 0 if args[2] in self.local else 1, "", "")
+        if args[0] == "tag":
+            self.local.add(args[2])
+            return subprocess.CompletedProcess(args, 0, "", "")
+        if args[:2] == ("manifest", "inspect"):
+            assert env == {"DOCKER_CLI_EXPERIMENTAL": "enabled"}
+            return subprocess.CompletedProcess(args, 0, json.dumps({"Descriptor": {"digest": self.served}}), "")
+        raise AssertionError(args)
+
+    def push(self, ref):
+        if ref in self.broken:
+            raise BuilderError(f"pushing {ref} failed: denied")
+        return DIGEST
+
+
+def test_pushes_built_images_tagging_them_for_the_registry(capsys):
+    spec = BuildSpec(registry="127.0.0.1:5000", tag="t")
+    docker = FakeDocker(local={"llm-chatglmcpp:t", "llm-xinference:t"})
+    pushed = push(spec, docker)
+    assert pushed == {"127.0.0.1:5000/llm-chatglmcpp:t": DIGEST, "127.0.0.1:5000/llm-xinference:t": DIGEST}
+    assert ("tag", "llm-chatglmcpp:t", "127.0.0.1:5000/llm-chatglmcpp:t") in docker.calls
+    assert f"127.0.0.1:5000/llm-xinference:t@{DIGEST}" in capsys.readouterr().out
+
+
+def test_failed_push_names_the_image():
+    spec = BuildSpec(registry="r.example:5000")
+    docker = FakeDocker(
+        local={"llm-vllm:latest", "llm-chatglmcpp:latest"}, broken={"r.example:5000/llm-chatglmcpp:latest"}
+    )
+    with pytest.raises(BuilderError, match="llm-chatglmcpp"):
+        push(spec, docker)
+
+
+def test_digest_mismatch_is_an_error():
+    docker = FakeDocker(local={"llm-vllm:latest"}, served="sha256:" + "b" * 64)
+    with pytest.raises(BuilderError, match="registry serves"):
+        push(BuildSpec(registry="r.example"), docker)
+
+
+def test_needs_a_registry_and_a_built_image():
+    with pytest.raises(BuilderError, match="REGISTRY"):
+        push(BuildSpec(), FakeDocker(local=()))
+    with pytest.raises(BuilderError, match="make image first"):
+        push(BuildSpec(registry="r.example"), FakeDocker(local=()))

@@ -1,0 +1,80 @@
+"""The backend registry is the one place a backend is described: spec, render, compose, build args and
+smoke all follow it, so they cannot drift apart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from builder import backends
+from builder.image.build import build_args, resolve_backends
+from builder.image.render import OUTPUTS, TEMPLATES, render_text
+from builder.spec import BaseImages, BuildSpec, Ports
+
+RECORDS = list(backends.REGISTRY.values())
+
+
+def test_every_backend_has_a_template_and_an_output():
+    for b in RECORDS:
+        assert (TEMPLATES / b.template).is_file(), b.template
+        assert b.dockerfile in OUTPUTS
+    assert set(OUTPUTS) == {b.dockerfile for b in RECORDS} | {"compose.yaml"}
+
+
+def test_spec_fields_come_from_the_registry():
+    assert set(Ports.model_fields) == set(backends.NAMES)
+    assert {n for n in BaseImages.model_fields if n != "build"} == set(backends.NAMES) | {
+        f"{b.name}_cuda" for b in RECORDS if b.cuda_base
+    }
+    spec = BuildSpec()
+    for b in RECORDS:
+        assert getattr(spec.ports, b.name) == b.port
+        assert spec.runtime_base(b.name) == b.base_image
+        if b.cuda_base:
+            assert BuildSpec(cuda=True).runtime_base(b.name) == b.cuda_base
+
+
+@pytest.mark.parametrize("b", RECORDS, ids=lambda b: b.name)
+def test_dockerfile_follows_the_record(b):
+    text = render_text(BuildSpec())[b.dockerfile]
+    assert f"ARG {b.base_arg}={b.base_image}" in text
+    assert f"FROM ${{{b.base_arg}}} AS runtime" in text
+    assert f"EXPOSE {b.port}\n" in text
+    h = b.healthcheck
+    assert (f"HEALTHCHECK --interval={h.interval} --timeout={h.timeout} --start-period={h.start_period} "
+            f"--retries={h.retries}") in text  # fmt: skip
+    assert f"CMD {json.dumps(list(h.test))}" in text
+
+
+@pytest.mark.parametrize("b", RECORDS, ids=lambda b: b.name)
+def test_compose_service_follows_the_record(b):
+    service = yaml.safe_load(render_text(BuildSpec())["compose.yaml"])["services"][b.name]
+    assert service["profiles"] == [b.name]
+    assert service["ports"] == [f"127.0.0.1:${{{b.name.upper()}_PORT:-{b.port}}}:{b.port}"]
+    assert service["healthcheck"]["test"] == ["CMD", *b.healthcheck.test]
+    assert service["environment"][b.api_key_var] == "${API_KEY:-}"
+    assert ("deploy" in service) == b.gpu
+    assert ("volumes" in service) == bool(b.cache_volume)
+
+
+def test_build_args_name_the_record_base_arg():
+    spec = BuildSpec(model="org/x", quant="q8_0")
+    for b in RECORDS:
+        args = build_args(spec, b.name)
+        assert args[b.base_arg] == b.base_image
+        assert args["QUANT"] == ("q8_0" if b.quants else "")
+
+
+def test_quant_a_backend_cannot_build_names_the_ones_that_can(monkeypatch):
+    monkeypatch.setattr(backends, "REGISTRY", {**backends.REGISTRY})
+    spec = BuildSpec(model="org/x", backends="chatglmcpp", quant="q4_0")
+    glm = {"architectures": ["GlmForCausalLM"], "model_type": "glm", "num_hidden_layers": 2, "hidden_size": 128,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 256,
+           "vocab_size": 300}  # fmt: skip
+    assert resolve_backends(spec, glm) == ["chatglmcpp"]
+    chatglm = backends.REGISTRY["chatglmcpp"]
+    monkeypatch.setitem(backends.REGISTRY, "chatglmcpp", type(chatglm)(**{**chatglm.__dict__, "quants": ("q8_0",)}))
+    with pytest.raises(Exception, match=r"QUANT=q4_0: chatglm.cpp cannot produce it \(it builds q8_0\)"):
+        resolve_backends(spec, glm)

@@ -1,0 +1,79 @@
+"""The Makefile hands Make variables to the builder as single values: nothing inside one runs.
+
+Each case runs the real `make spec` (what `make image` resolves before any Docker work) with a
+hostile or awkward value, as a user or a CI job driven by a branch name or form field would.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-s", "spec", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "my model"  # a space in the path, as on many desktops
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    return folder
+
+
+@pytest.mark.parametrize("variable", ["MODEL", "TAG", "NAME", "ADAPTER", "REGISTRY", "QUANT", "BACKEND"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "x; touch {marker}",
+        "$(touch {marker})",
+        "$(shell touch {marker})",
+        "${{shell touch {marker}}}",
+        "`touch {marker}`",
+        "x' && touch {marker} && echo '",
+        'x" && touch {marker} && echo "',
+        "x\n touch {marker}",
+    ],
+)
+def test_hostile_values_are_refused_and_never_run(tmp_path, model_dir, variable, template):
+    marker = tmp_path / "pwned"
+    value = template.format(marker=marker)
+    args = {"MODEL": str(model_dir), "BACKEND": "xinference", variable: value}
+    res = make(*(f"{k}={v}" for k, v in args.items()))
+    assert not marker.exists(), f"{variable}={value!r} ran a command"
+    assert res.returncode != 0, res.stdout
+    assert "Traceback" not in res.stderr
+    field = {"BACKEND": "backends"}.get(variable, variable.lower())
+    assert field in res.stderr, res.stderr
+
+
+def test_values_arrive_intact(model_dir, tmp_path):
+    adapter = tmp_path / "lora, v2 (final)"  # parentheses are refused by the spec, so: a refusal
+    adapter.mkdir()
+    res = make(
+        f"MODEL={model_dir}", "BACKEND=xinference", "TAG=v1.2_rc-3", "NAME=acme/llm", "REGISTRY=127.0.0.1:5000/ns"
+    )
+    assert res.returncode == 0, res.stderr
+    spec = yaml.safe_load(res.stdout)
+    assert spec["model"] == str(model_dir)  # the space survived
+    assert (spec["tag"], spec["name"], spec["registry"]) == ("v1.2_rc-3", "acme/llm", "127.0.0.1:5000/ns")
+    assert spec["backends"] == ["xinference"]
+    res = make(f"MODEL={model_dir}", f"ADAPTER={adapter}", "BACKEND=xinference")
+    assert res.returncode == 2 and "adapter" in res.stderr and not any(tmp_path.glob("*pwned*"))
+
+
+def test_unset_variables_leave_the_spec_file_in_charge(model_dir, tmp_path):
+    spec_file = tmp_path / "build.yaml"
+    spec_file.write_text(f"model: {model_dir}\ntag: from-file\nbackends: [xinference]\n")
+    res = make(f"SPEC={spec_file}")
+    assert res.returncode == 0, res.stderr
+    assert yaml.safe_load(res.stdout)["tag"] == "from-file"
+    res = make(f"SPEC={spec_file}", "TAG=from-make")
+    assert yaml.safe_load(res.stdout)["tag"] == "from-make"

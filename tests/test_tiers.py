@@ -1,0 +1,104 @@
+"""The package's tiers stay apart: runtime code (what ships in images) never reaches into the image,
+model or demo tiers, each runtime image carries only what it runs, and the chatglm.cpp runtime's
+requirements list exactly what it imports."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builder.image.render import render_text
+from builder.spec import BuildSpec
+
+PACKAGE = Path(__file__).resolve().parents[1] / "builder"
+RUNTIME = PACKAGE / "runtime"
+STDLIB = set(sys.stdlib_module_names)
+
+
+def imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-local imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(RUNTIME.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_runtime_imports_only_the_runtime_tier(path):
+    ours = {m for m in imports(path) if m == "builder" or m.startswith("builder.")}
+    outside = sorted(m for m in ours if not m.startswith("builder.runtime"))
+    assert not outside, f"{path.relative_to(PACKAGE)} imports {outside}: runtime code must not reach other tiers"
+
+
+def test_chatglmcpp_requirements_are_what_it_imports():
+    third_party = set()
+    for path in (RUNTIME / "chatglmcpp").rglob("*.py"):
+        third_party |= {m.split(".")[0] for m in imports(path)} - STDLIB - {"builder"}
+    lines = (RUNTIME / "chatglmcpp" / "requirements.txt").read_text().splitlines()
+    required = {re.split(r"[=<>\[ ]", line)[0].replace("-", "_") for line in lines if line and not line.startswith("#")}
+    assert third_party - {"chatglm_cpp"} == required  # chatglm-cpp comes from the image's wheel stage
+
+
+def _runtime_copies(dockerfile: str) -> list[tuple[list[str], str]]:
+    """The builder files the `runtime` stage COPYs from the build context: (sources, destination)."""
+    stage = dockerfile[dockerfile.index(" AS runtime") :]
+    copies = []
+    for line in stage.splitlines():
+        if line.startswith("COPY src/builder"):
+            *sources, dest = line.split()[1:]
+            copies.append((sources, dest))
+    return copies
+
+
+def _runtime_tree(tmp_path: Path, backend: str) -> Path:
+    """Lay out under tmp_path exactly what the rendered Dockerfile puts under /opt/app."""
+    root = tmp_path / backend
+    for sources, dest in _runtime_copies(render_text(BuildSpec())[f"Dockerfile.{backend}"]):
+        target = root / dest.removeprefix("/opt/app/")
+        for src in sources:
+            src_path = PACKAGE.parent / src.removeprefix("src/")
+            out = target / src_path.name if dest.endswith("/") else target
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if src_path.is_dir():
+                subprocess.run(["cp", "-r", str(src_path), str(out)], check=True)
+            else:
+                out.write_bytes(src_path.read_bytes())
+    return root
+
+
+@pytest.mark.parametrize(
+    "backend, modules",
+    [
+        (
+            "chatglmcpp",
+            ["builder.runtime.chatglmcpp.app", "builder.runtime.chatglmcpp.__main__", "builder.runtime.smoke"],
+        ),
+        ("xinference", ["builder.runtime.xinference_boot", "builder.runtime.smoke"]),
+        ("vllm", ["builder.runtime.vllm_boot", "builder.runtime.smoke"]),
+    ],
+)
+def test_runtime_images_run_from_what_they_copy(tmp_path, backend, modules):
+    root = _runtime_tree(tmp_path, backend)
+    shipped = sorted(str(p.relative_to(root)) for p in root.rglob("*.py"))
+    assert not [p for p in shipped if re.search(r"builder/(image|model|demo)/|builder/(cli|spec|backends)\.py", p)], (
+        shipped
+    )
+    # Import the entry points with only that tree as `builder`: first on the path, and the editable
+    # install's finder (which would map any builder.* name to the checkout) taken out.
+    code = (
+        "import importlib, sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in getattr(f, '__name__', '')]\n"
+        "for m in sys.argv[1:]: importlib.import_module(m)\n"
+        "assert not any(n.startswith(('builder.image', 'builder.model', 'builder.demo')) for n in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, *modules], cwd=root, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
