@@ -153,7 +153,8 @@ def test_labels_and_runtime_contents(up, demo_models):
     assert labels["io.llm-builder.builder-version"]
     assert labels["org.opencontainers.image.title"]
     assert info["Config"]["User"] == "10001:10001"
-    # no compiler and no torch in the chatglm.cpp runtime
+    # no compiler and no torch in the chatglm.cpp runtime; only the runtime tier of builder's code,
+    # and none of the build-side libraries (jinja2, pyyaml, click, rich)
     probe = docker(
         "run",
         "--rm",
@@ -161,9 +162,15 @@ def test_labels_and_runtime_contents(up, demo_models):
         "sh",
         _image("chatglmcpp"),
         "-c",
-        "command -v gcc g++ cc || true; python3 -c 'import torch' 2>&1 || true",
+        "command -v gcc g++ cc || true; python3 -c 'import torch' 2>&1 || true; "
+        "find /opt/app -name '*.py' | sort; "
+        'for m in jinja2 yaml click rich; do python3 -c "import $m" 2>/dev/null && echo has-$m; done; true',
     ).stdout
     assert "gcc" not in probe and "No module named 'torch'" in probe
+    shipped = [line for line in probe.splitlines() if line.startswith("/opt/app/")]
+    assert "/opt/app/builder/runtime/chatglmcpp/engine.py" in shipped, probe
+    assert not [p for p in shipped if not p.startswith(("/opt/app/builder/runtime/", "/opt/app/builder/__init__.py"))]
+    assert "has-" not in probe, probe
 
 
 def test_serves_offline(up, demo_models):
