@@ -18,7 +18,6 @@ from fastapi.responses import StreamingResponse
 from builder import backends
 from builder.runtime import smoke
 from builder.runtime.chatglmcpp.app import create_app
-from builder.runtime.chatglmcpp.engine import Engine
 from builder.runtime.chatglmcpp.settings import Settings
 
 NAME = "tiny-smoke"
@@ -32,7 +31,7 @@ def ggml(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ggml):
-    app = create_app(Engine.load(ggml), Settings(served_model_name=NAME, api_key=KEY, max_queue=4))
+    app = create_app(Settings(ggml=ggml, served_model_name=NAME, api_key=KEY, max_queue=4))
     with ServerThread(app) as s:
         yield s
 

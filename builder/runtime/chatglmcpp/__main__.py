@@ -14,6 +14,7 @@ from typing import Optional
 
 from builder.runtime.chatglmcpp import settings as server_settings
 from builder.runtime.chatglmcpp.engine import EngineLoadError
+from builder.runtime.chatglmcpp.engine_process import EngineStartError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ggml = args.ggml or server_settings.load().ggml
             chat_repl(ggml, system=args.system, max_tokens=args.max_tokens, temperature=args.temperature,
                       top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty)  # fmt: skip
-    except (EngineLoadError, server_settings.SettingsError) as e:
+    except (EngineLoadError, EngineStartError, server_settings.SettingsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -56,7 +56,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]  # token ids are range-checked in routes.py
     echo: bool = False
     max_tokens: Optional[int] = Field(default=16, ge=1)  # OpenAI's and vLLM's default for completions
 
@@ -64,9 +64,11 @@ class CompletionRequest(_Sampling):
 class APIError(Exception):
     """An error answered in the OpenAI shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param=None, code=None):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param=None, code=None,
+                 headers: Optional[dict[str, str]] = None):  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.status, self.message, self.type, self.param, self.code)

@@ -27,6 +27,10 @@ class Settings:
     api_key: Optional[str] = None
     max_queue: int = 16
     max_length: Optional[int] = None  # context length; None = the model's (the KV cache is sized for it)
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413 before they are read
+    header_timeout: float = 10.0  # a connection that has not sent its request headers by then is closed
+    keepalive_timeout: float = 5.0  # an idle keep-alive connection is closed after this
+    retry_after: int = 1  # seconds, the Retry-After of a 503 (queue full)
     log_level: str = "info"
 
     def __post_init__(self):
@@ -38,6 +42,9 @@ class Settings:
             raise SettingsError(f"context length (--max-length / MAX_LENGTH) must be at least 2, got {self.max_length}")
         if not 0 < self.port < 65536:
             raise SettingsError(f"port (--port / PORT) must be 1..65535, got {self.port}")
+        for name in ("max_body_bytes", "header_timeout", "keepalive_timeout", "retry_after"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{SOURCES[name][0]} must be more than 0, got {getattr(self, name)}")
 
 
 # field -> (environment variable, flag or None, help)
@@ -53,9 +60,26 @@ SOURCES: dict[str, tuple[str, Optional[str], str]] = {
     "api_key": ("API_KEY", None, "Bearer key every /v1 request must send (environment only)"),
     "max_queue": ("MAX_QUEUE", "--max-queue", "requests that may wait behind the running one; more get 503"),
     "max_length": ("MAX_LENGTH", "--max-length", "context length (default: the model's)"),
+    "max_body_bytes": ("MAX_BODY_BYTES", "--max-body-bytes", "largest request body accepted (413 above)"),
+    "header_timeout": ("HEADER_TIMEOUT", "--header-timeout", "seconds a client has to send its request headers"),
+    "keepalive_timeout": (
+        "KEEPALIVE_TIMEOUT",
+        "--keepalive-timeout",
+        "seconds an idle keep-alive connection stays open",
+    ),
+    "retry_after": ("RETRY_AFTER", "--retry-after", "Retry-After seconds sent with a 503 when the queue is full"),
     "log_level": ("LOG_LEVEL", "--log-level", "uvicorn log level"),
 }
-_TYPES = {"ggml": Path, "port": int, "max_queue": int, "max_length": int}
+_TYPES = {
+    "ggml": Path,
+    "port": int,
+    "max_queue": int,
+    "max_length": int,
+    "max_body_bytes": int,
+    "header_timeout": float,
+    "keepalive_timeout": float,
+    "retry_after": int,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

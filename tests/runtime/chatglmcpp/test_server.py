@@ -1,6 +1,7 @@
-"""builder.runtime.chatglmcpp: the OpenAI-compatible server over a REAL chatglm_cpp.Pipeline on a tiny GLM-4 GGML
-file (every endpoint, streaming, API key, 404, 503, broken UTF-8, max_tokens), plus exact unit tests
-of the decoding / stop-string logic against a scripted fake pipeline.
+"""builder.runtime.chatglmcpp: the OpenAI-compatible server over a REAL chatglm_cpp.Pipeline (in its engine
+process) on a tiny GLM-4 GGML file: every endpoint, streaming, the official openai client, API key,
+404, 503, broken UTF-8, max_tokens, disconnects, the CLI. Greedy references come from an in-process
+Engine on the same file.
 
 Token counts stay small on purpose: ggml's thread pool is slow on a loaded 2-core machine.
 """
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
-from types import SimpleNamespace
+from contextlib import contextmanager
 
 import _ggml_fixture
 import httpx
@@ -21,7 +24,7 @@ import pytest
 from _ggml_fixture import ServerThread
 
 from builder.runtime.chatglmcpp.app import create_app
-from builder.runtime.chatglmcpp.engine import Engine, Generation, SamplingParams, Utf8Stream, _held_back
+from builder.runtime.chatglmcpp.engine import Engine, SamplingParams
 from builder.runtime.chatglmcpp.settings import Settings
 
 NAME = "tiny-glm"
@@ -39,8 +42,8 @@ def engine(ggml):
 
 
 @pytest.fixture(scope="module")
-def server(engine):
-    app = create_app(engine, Settings(served_model_name=NAME, max_queue=4))
+def server(ggml):
+    app = create_app(Settings(ggml=ggml, served_model_name=NAME, max_queue=4))
     with ServerThread(app) as s:
         s.app = app
         yield s
@@ -231,8 +234,8 @@ def test_invalid_utf8_output_becomes_replacement_chars(client, engine):
     assert "".join(c["choices"][0]["text"] for c in chunks) == expected
 
 
-def test_client_disconnect_stops_generation(server, engine):
-    worker = server.app.state.server.worker
+def test_client_disconnect_stops_generation(server):
+    scheduler = server.app.state.server.scheduler
     gc.disable()  # stopping must not depend on the garbage collector closing the body iterator
     try:
         with httpx.Client(base_url=server.url, timeout=60) as c:
@@ -240,15 +243,15 @@ def test_client_disconnect_stops_generation(server, engine):
             with c.stream("POST", "/v1/chat/completions", json=body) as r:  # no max_tokens: up to the context
                 next(r.iter_lines())
         deadline = time.monotonic() + 60
-        while worker.admitted and time.monotonic() < deadline:
+        while scheduler.admitted and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert worker.admitted == 0
+        assert scheduler.admitted == 0 and scheduler.running is None
     finally:
         gc.enable()
 
 
-def test_api_key_required_on_v1_only(engine):
-    app = create_app(engine, Settings(served_model_name=NAME, api_key="s3cret", max_queue=2))
+def test_api_key_required_on_v1_only(ggml):
+    app = create_app(Settings(ggml=ggml, served_model_name=NAME, api_key="s3cret", max_queue=2))
     with ServerThread(app) as s, httpx.Client(base_url=s.url, timeout=60) as c:
         assert c.get("/health").status_code == 200
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
@@ -266,28 +269,19 @@ def test_api_key_required_on_v1_only(engine):
         assert r.status_code == 200
 
 
-class GatedModel:
-    """The real model, but generation waits until the test opens the gate (holds the worker)."""
-
-    def __init__(self, model):
-        self._model = model
-        self.entered = threading.Event()
-        self.gate = threading.Event()
-
-    def generate_next_token(self, *args):
-        self.entered.set()
-        assert self.gate.wait(60)
-        return self._model.generate_next_token(*args)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
+@contextmanager
+def frozen(pid: int):
+    """SIGSTOP the engine process (a stall as long as the test likes), SIGCONT on exit."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def test_full_queue_answers_503_immediately(ggml):
-    engine = Engine.load(ggml)
-    gated = engine.model = GatedModel(engine.model)
-    app = create_app(engine, Settings(served_model_name=NAME, max_queue=1))
-    worker = app.state.server.worker
+    app = create_app(Settings(ggml=ggml, served_model_name=NAME, max_queue=1, retry_after=3))
+    scheduler = app.state.server.scheduler
     body = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **GREEDY}
     results: dict[str, httpx.Response] = {}
     with ServerThread(app) as s, httpx.Client(base_url=s.url, timeout=60) as c:
@@ -295,30 +289,54 @@ def test_full_queue_answers_503_immediately(ggml):
         def post(key):
             results[key] = c.post("/v1/chat/completions", json=body)
 
-        running = threading.Thread(target=post, args=("running",))
-        running.start()
-        assert gated.entered.wait(30)  # the worker is busy with the first request
-        waiting = threading.Thread(target=post, args=("waiting",))
-        waiting.start()
-        deadline = time.monotonic() + 30
-        while worker.admitted < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert worker.admitted == 2
+        with frozen(scheduler.engine.pid):  # the engine stalls: one request in it, one waiting
+            threads = [threading.Thread(target=post, args=(key,)) for key in ("first", "second")]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 30
+            while scheduler.admitted < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert scheduler.admitted == 2
 
-        t0 = time.monotonic()
-        r = c.post("/v1/chat/completions", json=body)
-        assert r.status_code == 503 and time.monotonic() - t0 < 10
-        assert r.json()["error"]["type"] == "service_unavailable"
-        with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
-            assert r.status_code == 503  # streaming requests are refused before the stream starts
-        assert c.get("/health").status_code == 200  # the event loop is not blocked
-
-        gated.gate.set()
-        running.join(60)
-        waiting.join(60)
-        assert results["running"].status_code == 200 and results["waiting"].status_code == 200
-        assert worker.admitted == 0
+            t0 = time.monotonic()
+            r = c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 503 and time.monotonic() - t0 < 0.5
+            assert r.json()["error"]["type"] == "service_unavailable" and r.headers["retry-after"] == "3"
+            with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                assert r.status_code == 503  # streaming requests are refused before the stream starts
+            t0 = time.monotonic()
+            assert c.get("/health").status_code == 200 and time.monotonic() - t0 < 0.5  # the loop never waits
+            assert "chatglmcpp_requests_rejected_total 2.0" in c.get("/metrics").text
+        for t in threads:
+            t.join(60)
+        assert results["first"].status_code == 200 and results["second"].status_code == 200
+        assert scheduler.admitted == 0
         assert c.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_official_openai_client(server, engine):
+    """What users of vLLM run, unchanged: chat, streaming, stop, max_tokens, completions, usage."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [NAME]
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0)  # fmt: skip
+    text = chat.choices[0].message.content
+    assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.completion_tokens <= 4
+    parts = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                           temperature=0, stream=True, stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(parts)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    done = client.completions.create(model=NAME, prompt="Hello", max_tokens=5, temperature=0)
+    assert done.choices[0].finish_reason == "length" or done.usage.completion_tokens < 5
+    assert done.usage.prompt_tokens == len(engine.encode_prompt("Hello"))
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=NAME, prompt="Hello", max_tokens=10**9)
+    assert "maximum context length" in err.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=[{"role": "user", "content": "Hi"}])
 
 
 def test_cli_serve_missing_file_is_a_user_error(tmp_path):
@@ -350,131 +368,3 @@ def test_cli_chat_repl(ggml):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Prompt") >= 3 and "Traceback" not in r.stderr
-
-
-# --------------------------------------------------------------------------------------------------
-# Scripted fake pipeline: exact decoding, stop-string and limit behaviour
-# --------------------------------------------------------------------------------------------------
-
-EOS = 0
-
-
-class FakeTokenizer:
-    """Like chatglm.cpp's byte-level tokenizers: decode concatenates bytes and raises UnicodeDecodeError
-    (with the raw bytes) on broken UTF-8, RuntimeError on unknown ids."""
-
-    def __init__(self, table: dict[int, bytes]):
-        self.table = table
-
-    def decode(self, ids, skip_special_tokens=True):
-        out = b""
-        for i in ids:
-            if i == EOS:
-                continue
-            if i not in self.table:
-                raise RuntimeError(f"Unknown token {i}")
-            out += self.table[i]
-        return out.decode("utf-8")
-
-    def encode(self, text, max_length):
-        return [1] * len(text)
-
-    def apply_chat_template(self, messages, max_length):
-        return [1] * sum(len(m.content) + 1 for m in messages)
-
-
-class FakeModel:
-    def __init__(self, script, max_length=64):
-        self.script = list(script)
-        self.calls = []
-        self.config = SimpleNamespace(
-            max_length=max_length, model_type_name="FAKE", eos_token_id=EOS, extra_eos_token_ids=[]
-        )
-
-    def generate_next_token(self, input_ids, image, gen_config, n_past, n_ctx):
-        self.calls.append((len(input_ids), n_past, n_ctx, gen_config.do_sample))
-        return self.script[len(self.calls) - 1] if len(self.calls) <= len(self.script) else EOS
-
-
-def fake_engine(pieces: list[bytes], max_length=64, extra=()):
-    """Token i+10 decodes to pieces[i]; the model emits them in order, then EOS."""
-    table = {i + 10: p for i, p in enumerate(pieces)}
-    table.update(dict(extra))
-    script = [i + 10 for i in range(len(pieces))]
-    return Engine(SimpleNamespace(model=FakeModel(script, max_length), tokenizer=FakeTokenizer(table)))
-
-
-def run(engine, params=None, prompt_len=3, **kw) -> tuple[list[str], Generation]:
-    gen = engine.generate([1] * prompt_len, params or SamplingParams(temperature=0), **kw)
-    return list(gen), gen
-
-
-def test_utf8_stream_partial_and_invalid_sequences():
-    table = {1: b"\xe4", 2: b"\xbd", 3: b"\xa0", 4: b"a", 5: b"\xff", 6: b"\xe4\xbd"}
-    tok = FakeTokenizer(table)
-    engine = Engine(SimpleNamespace(model=FakeModel([]), tokenizer=tok))
-    s = Utf8Stream(engine.decode_bytes)
-    assert [s.push(i) for i in (1, 2, 3, 4)] == ["", "", "你", "a"]
-    s = Utf8Stream(engine.decode_bytes)
-    assert [s.push(i) for i in (5, 4, 6)] + [s.flush()] == ["\ufffd", "a", "", "\ufffd"]
-    assert engine.decode([5, 4, 1]) == "\ufffda\ufffd"
-    assert engine.decode([4, 999, 4]) == "aa"  # ids the tokenizer does not know are dropped
-
-
-def test_generation_limits_eos_and_new_token_count():
-    engine = fake_engine([b"a", b"b", b"c", b"d"])
-    deltas, gen = run(engine, SamplingParams(max_new_tokens=2, temperature=0), prompt_len=20)
-    assert "".join(deltas) == gen.text == "ab"
-    assert (gen.finish_reason, gen.prompt_tokens, gen.completion_tokens) == ("length", 20, 2)
-    model = engine.model
-    assert model.calls == [(20, 0, 20, False), (21, 20, 20, False)]  # prompt once, then one token at a time
-
-    engine = fake_engine([b"a", b"b"])
-    deltas, gen = run(engine, SamplingParams(max_new_tokens=10, temperature=0))
-    assert (gen.text, gen.finish_reason, gen.completion_tokens) == ("ab", "stop", 3)  # eos counted, not shown
-
-    engine = fake_engine([b"x"] * 20, max_length=8)
-    _, gen = run(engine, SamplingParams(max_new_tokens=100), prompt_len=5)
-    assert (gen.text, gen.finish_reason) == ("xxx", "length")  # the context caps max_tokens
-    assert engine.model.calls[0][3] is True  # temperature 1: sampling
-
-
-def test_generation_greedy_switch():
-    for params, sample in [
-        (SamplingParams(temperature=0), False),
-        (SamplingParams(top_p=1e-9), False),
-        (SamplingParams(temperature=0.7, top_p=0.9, top_k=5), True),
-    ]:
-        config = fake_engine([]).generation_config(params)
-        assert config.do_sample is sample
-    config = fake_engine([]).generation_config(SamplingParams(temperature=0.7, top_p=0.9, top_k=5))
-    assert (config.top_k, round(config.top_p, 3), round(config.temperature, 3)) == (5, 0.9, 0.7)
-
-
-def test_stop_strings_across_tokens_are_held_back_while_streaming():
-    engine = fake_engine([b"Hel", b"lo ", b"wor", b"ld", b"!"])
-    deltas, gen = run(engine, SamplingParams(temperature=0, stop=["o w"]))
-    assert (gen.text, gen.finish_reason) == ("Hell", "stop")
-    assert "".join(deltas) == "Hell" and all("o" not in d for d in deltas)
-    assert gen.completion_tokens == 3  # stopped as soon as the stop string appeared
-
-    deltas, gen = run(fake_engine([b"Hel", b"lo ", b"wor", b"ld"]), SamplingParams(temperature=0, stop=["low", "d"]))
-    assert (gen.text, gen.finish_reason) == ("Hello worl", "stop")
-
-    deltas, gen = run(fake_engine([b"ab", b"c"]), SamplingParams(temperature=0, stop=["cd"]))
-    assert ("".join(deltas), gen.finish_reason) == ("abc", "stop")  # held-back "c" is released at the end
-    assert _held_back("xxab", ["abc", "b!"]) == 2 and _held_back("xx", ["abc"]) == 0
-
-
-def test_strip_leading_newline_of_chat_replies():
-    deltas, gen = run(fake_engine([b"\n", b"Paris", b"."]), strip_leading=True)
-    assert "".join(deltas) == gen.text == "Paris."
-    _, gen = run(fake_engine([b"\n", b"Paris"]))
-    assert gen.text == "\nParis"
-
-
-def test_cancelled_generation_stops():
-    cancelled = threading.Event()
-    cancelled.set()
-    _, gen = run(fake_engine([b"a"] * 10), cancelled=cancelled)
-    assert gen.finish_reason == "abort" and gen.completion_tokens == 1
