@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import os
+import signal
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -144,3 +147,13 @@ def wait_http(url: str, timeout: float = 30.0, proc=None) -> None:
             last = e
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer 200 within {timeout}s: {last}")
+
+
+@contextmanager
+def frozen(pid: int):
+    """SIGSTOP a process (an engine stall as long as the test likes); SIGCONT on the way out."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)

@@ -17,12 +17,12 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import _ggml_fixture
 import httpx
 import pytest
+from _ggml_fixture import frozen
 
 from builder.runtime.chatglmcpp.engine import Engine
 
@@ -73,15 +73,6 @@ class ServerProcess:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-
-
-@contextmanager
-def frozen(pid: int):
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 def assert_openai_error(response: httpx.Response | bytes, status: int) -> dict:

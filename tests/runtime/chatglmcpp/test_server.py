@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import _ggml_fixture
 import httpx
 import pytest
-from _ggml_fixture import ServerThread
+from _ggml_fixture import ServerThread, frozen
 
 from builder.runtime.chatglmcpp.app import create_app
 from builder.runtime.chatglmcpp.engine import Engine, SamplingParams
@@ -267,16 +264,6 @@ def test_api_key_required_on_v1_only(ggml):
             json={"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **GREEDY},
         )
         assert r.status_code == 200
-
-
-@contextmanager
-def frozen(pid: int):
-    """SIGSTOP the engine process (a stall as long as the test likes), SIGCONT on exit."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 def test_full_queue_answers_503_immediately(ggml):
