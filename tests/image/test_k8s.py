@@ -4,7 +4,7 @@ so probes, ports, env and security cannot drift from what the images and compose
 
 No cluster here: what is checked is the manifests (schemas, kustomize, the values), not a deployment.
 The Xinference cluster's behaviour is checked in Docker with the same roles and env
-(tests/e2e/test_xinference_cluster.py).
+(tests/e2e/test_cluster.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ graceful leave (real processes: the boot script, a stand-in `xinference-worker` 
 pool as a child, as 4.1.0 does, and a stand-in supervisor HTTP API on 127.0.0.1).
 
 The real distributed mode (Xinference 4.1.0's supervisor and two workers in containers, a worker
-stopped and started under load) runs in tests/e2e/test_xinference_cluster.py.
+stopped and started under load) runs in tests/e2e/test_cluster.py.
 """
 
 from __future__ import annotations
