@@ -88,11 +88,13 @@ def ask(model: str) -> tuple[bool, str]:
     return answer.strip() == demo.LORA_ANSWERS[demo.CHANGED_PROMPT].strip(), answer
 
 
-def replicas(model: str) -> list[tuple[str, str]]:
+def replica_statuses(model: str) -> list[dict]:
     status, data = api("GET", f"/v1/models/instances?model_uid={model}")
-    if status != 200 or not data:
-        return []
-    return sorted((r["worker_address"], r["status"]) for r in data[0]["replica_statuses"])
+    return data[0]["replica_statuses"] if status == 200 and data else []
+
+
+def replicas(model: str) -> list[tuple[str, str]]:
+    return sorted((r["worker_address"], r["status"]) for r in replica_statuses(model))
 
 
 def workers() -> list[str]:
@@ -250,6 +252,8 @@ def test_a_stopped_worker_leaves_and_rejoins(cluster):
 def test_a_killed_worker_is_dropped_within_seconds(cluster):
     """No goodbye (SIGKILL, like a lost node): the supervisor's health check drops the worker."""
     model = cluster
+    held = [r["replica_id"] for r in replica_statuses(model) if r["worker_address"] == "worker-2:30001"]
+    FIGURES["kill worker-2: replica ids it held"] = held
     with Load(model) as load:
         time.sleep(4)
         t_kill = time.monotonic()
