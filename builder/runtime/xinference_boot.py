@@ -696,8 +696,8 @@ def wait_foreground(proc: subprocess.Popen, name: str) -> int:
     while True:
         try:
             pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            return proc.returncode if proc.returncode is not None else 0
+        except ChildProcessError:  # already reaped (a signal handler's proc.poll())
+            return _exit_code(proc.returncode) if proc.returncode is not None else 0
         if pid == proc.pid:
             code = _exit_code(os.waitstatus_to_exitcode(status))
             proc.returncode = code
