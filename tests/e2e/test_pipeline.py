@@ -154,7 +154,7 @@ def test_labels_and_runtime_contents(up, demo_models):
     assert labels["org.opencontainers.image.title"]
     assert info["Config"]["User"] == "10001:10001"
     # no compiler and no torch in the chatglm.cpp runtime; only the runtime tier of builder's code,
-    # and none of the build-side libraries (jinja2, pyyaml, click, rich)
+    # and none of the build-side libraries (jinja2, pyyaml, rich; click stays: uvicorn needs it)
     probe = docker(
         "run",
         "--rm",
