@@ -164,7 +164,7 @@ def test_labels_and_runtime_contents(up, demo_models):
         "-c",
         "command -v gcc g++ cc || true; python3 -c 'import torch' 2>&1 || true; "
         "find /opt/app -name '*.py' | sort; "
-        'for m in jinja2 yaml click rich; do python3 -c "import $m" 2>/dev/null && echo has-$m; done; true',
+        'for m in jinja2 yaml rich; do python3 -c "import $m" 2>/dev/null && echo has-$m; done; true',
     ).stdout
     assert "gcc" not in probe and "No module named 'torch'" in probe
     shipped = [line for line in probe.splitlines() if line.startswith("/opt/app/")]
