@@ -20,7 +20,7 @@ $(foreach v,$(SPEC_VARS),$(eval export BUILDER_$(v) := $$(value $(v))))
 # ...and the variables themselves stay out of recipe environments, where Make would expand them.
 unexport $(SPEC_VARS)
 
-.PHONY: help venv test e2e spec image push up down smoke demo render lint fmt clean wheelhouse
+.PHONY: help venv test e2e spec image push up down smoke demo render k8s cluster-up cluster-down lint fmt clean wheelhouse
 
 include mk/xinference.mk mk/vllm.mk
 
@@ -47,8 +47,12 @@ e2e: venv wheelhouse ## Docker end-to-end tests (starts a Docker engine and a lo
 	$(HARNESS) registry-up
 	$(PYTEST) -q -m e2e tests/e2e; status=$$?; $(HARNESS) registry-down; $(HARNESS) engine-down; exit $$status
 
-render: venv ## re-render the top-level Dockerfiles and compose.yaml
+render: venv ## re-render the committed files: Dockerfiles, compose files, k8s/
 	$(BUILDER) render --out .
+	$(BUILDER) k8s --out k8s
+
+k8s: venv ## Kubernetes manifests into k8s/ (kustomize bases; images by digest after make push)
+	$(BUILDER) k8s --out k8s
 
 spec: venv ## print the resolved build spec (YAML, usable as SPEC=) and the backends it would build
 	$(BUILDER) spec
@@ -64,6 +68,12 @@ up: ## start what `make image` built (docker compose reads .env)
 
 down: ## stop it
 	docker compose down
+
+cluster-up: ## Xinference's distributed mode on this host: a supervisor and 2 workers, the model on both
+	docker compose -f compose.xinference-cluster.yaml up -d --wait
+
+cluster-down: ## stop it
+	docker compose -f compose.xinference-cluster.yaml down
 
 smoke: venv ## OpenAI API checks against every service that is up
 	$(BUILDER) smoke-up

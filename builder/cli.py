@@ -90,6 +90,25 @@ def render(out: Path, **flags) -> None:
         click.echo(path)
 
 
+@cli.command()
+@spec_options
+@click.option("--out", type=PathArg, default=Path("k8s"), show_default=True, help="Folder the render replaces.")
+@click.option(
+    "--pushed",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Digests `builder push` verified (default: build/NAME/pushed.json); pins the images.",
+)
+def k8s(out: Path, pushed: Path | None, **flags) -> None:
+    """Render Kubernetes manifests: a kustomize base per backend, Xinference's cluster, an overlay example."""
+    from builder.image.k8s import render_k8s
+
+    paths = render_k8s(_spec(flags, resolve=False), out, pushed)
+    kustomizations = [p for p in paths if p.name == "kustomization.yaml" and "kind: Component" not in p.read_text()]
+    for base in sorted(p.parent for p in kustomizations):
+        click.echo(f"{base}\tkubectl apply -k {base}")
+
+
 @cli.command("spec")
 @spec_options
 def show_spec(**flags) -> None:

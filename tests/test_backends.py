@@ -20,7 +20,7 @@ def test_every_backend_has_a_template_and_an_output():
     for b in RECORDS:
         assert (TEMPLATES / b.template).is_file(), b.template
         assert b.dockerfile in OUTPUTS
-    assert set(OUTPUTS) == {b.dockerfile for b in RECORDS} | {"compose.yaml"}
+    assert set(OUTPUTS) == {b.dockerfile for b in RECORDS} | {"compose.yaml", "compose.xinference-cluster.yaml"}
 
 
 def test_spec_fields_come_from_the_registry():

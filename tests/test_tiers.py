@@ -81,7 +81,10 @@ def _runtime_tree(tmp_path: Path, backend: str) -> Path:
             "chatglmcpp",
             ["builder.runtime.chatglmcpp.app", "builder.runtime.chatglmcpp.__main__", "builder.runtime.smoke"],
         ),
-        ("xinference", ["builder.runtime.xinference_boot", "builder.runtime.smoke"]),
+        (
+            "xinference",
+            ["builder.runtime.xinference_boot", "builder.runtime.xinference_cluster", "builder.runtime.smoke"],
+        ),
         ("vllm", ["builder.runtime.vllm_boot", "builder.runtime.smoke"]),
     ],
 )

@@ -2,11 +2,15 @@
 
 The digest the push reports is read back from the registry (`docker manifest inspect`, with the
 client's own credentials) and compared; any mismatch or failure names the image and exits 2.
+The verified `ref@digest` of each backend is recorded in build/<name>/pushed.json, where
+`builder k8s` finds it to pin the manifests' images by digest.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 from rich.console import Console
 
@@ -53,8 +57,29 @@ def push(spec: BuildSpec, docker: Docker | None = None) -> dict[str, str]:
         console.print(f"[green]pushed[/] {ref}@{digest}")
         print(f"{ref}@{digest}")
         pushed[ref] = digest
+        record_pushed(spec, backend, f"{ref}@{digest}")
     if not pushed:
         raise BuilderError(
             f"no built image to push (looked for {', '.join(local.image(b) for b in BACKENDS)}): run make image first"
         )
     return pushed
+
+
+def pushed_file(spec: BuildSpec, workdir: Path = Path("build")) -> Path:
+    """Where push records the verified `ref@digest` of each backend (read by `builder k8s`)."""
+    return workdir / spec.name / "pushed.json"
+
+
+def record_pushed(spec: BuildSpec, backend: str, pinned: str, workdir: Path = Path("build")) -> Path:
+    """Add `backend: ref@digest` to pushed.json (temp file + rename; other backends' entries stay)."""
+    path = pushed_file(spec, workdir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        data = {}
+    data[backend] = pinned
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,4 +1,5 @@
-"""Jinja2 templates -> one Dockerfile.<backend> per registered backend, and compose.yaml.
+"""Jinja2 templates -> one Dockerfile.<backend> per registered backend, compose.yaml, and
+compose.xinference-cluster.yaml (Xinference's distributed mode on one host).
 
 Templates hold layout; every decision (which base, which flags) is made here or in the spec and
 handed to them as plain values. Per-model values (model id, quantization, labels) are not
@@ -15,6 +16,7 @@ from pathlib import Path
 import jinja2
 
 from builder import __version__, backends
+from builder.image.cluster import CLUSTER
 from builder.spec import BuildSpec
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -22,6 +24,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 OUTPUTS: dict[str, tuple[str, backends.Backend | None]] = {
     **{b.dockerfile: (b.template, b) for b in backends.REGISTRY.values()},
     "compose.yaml": ("compose.yaml.j2", None),
+    "compose.xinference-cluster.yaml": ("compose.xinference-cluster.yaml.j2", None),
 }
 
 
@@ -43,7 +46,7 @@ def render_text(spec: BuildSpec) -> dict[str, str]:
     env = environment()
     return {
         name: env.get_template(template).render(
-            spec=spec, version=__version__, backends=backends.REGISTRY, backend=backend
+            spec=spec, version=__version__, backends=backends.REGISTRY, backend=backend, cluster=CLUSTER
         )
         for name, (template, backend) in OUTPUTS.items()
     }

@@ -70,6 +70,8 @@ Environment (command-line flags of the same name override them; see --help):
   XINFERENCE_LOCAL                     the xinference-local executable       on PATH
   XINFERENCE_LOCAL_ARGS                extra xinference-local arguments (shell words)
   XINFERENCE_BOOT_TIMEOUT              seconds to wait for start + launch    1800
+  XINFERENCE_ROLE                      local | supervisor | worker: Xinference's distributed mode
+                                       (builder/runtime/xinference_cluster.py)  local
 
 Health (for HEALTHCHECK): `python -m builder.runtime.xinference_boot --health` exits 0 only when the model
 is listed in /v1/models and answers a 1-token chat completion; it reads the same environment.
@@ -90,7 +92,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -658,6 +660,51 @@ def _exit_code(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def forward_signals(proc: subprocess.Popen, handler: Callable[[int], None] | None = None) -> None:
+    """Hand SIGTERM/SIGINT/SIGHUP/SIGQUIT to the child (or to `handler`, which decides how)."""
+
+    def forward(signum, _frame):
+        if handler is not None:
+            handler(signum)
+        elif proc.poll() is None:
+            try:
+                proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+
+
+def stop_child(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_foreground(proc: subprocess.Popen, name: str) -> int:
+    """Wait for the child, reaping any orphan re-parented to us (we may be PID 1); its exit code."""
+    if proc.returncode is not None:
+        return _exit_code(proc.returncode)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:  # already reaped (a signal handler's proc.poll())
+            return _exit_code(proc.returncode) if proc.returncode is not None else 0
+        if pid == proc.pid:
+            code = _exit_code(os.waitstatus_to_exitcode(status))
+            proc.returncode = code
+            log(f"{name} exited with {code}")
+            return code
+
+
 def boot(cfg: BootConfig, env: Mapping[str, str] | None = None) -> int:
     """Run xinference-local with the model registered and launched; return xinference's exit code."""
     t_start = time.monotonic()
@@ -675,15 +722,7 @@ def boot(cfg: BootConfig, env: Mapping[str, str] | None = None) -> int:
     log("starting: " + shlex.join(cmd))
     proc = subprocess.Popen(cmd, env=child_env)
 
-    def forward(signum, _frame):
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signum)
-            except ProcessLookupError:
-                pass
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(sig, forward)
+    forward_signals(proc)
 
     api = Api(cfg.url, admin_token)  # register + autostart: admin scopes (a user's JWT)
     deadline = time.monotonic() + cfg.timeout
@@ -704,32 +743,18 @@ def boot(cfg: BootConfig, env: Mapping[str, str] | None = None) -> int:
             log(f"xinference-local exited with {proc.returncode}")
             return _exit_code(proc.returncode)
         log(f"setup failed: {e}")
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc)
         return 1
-
-    # Foreground: wait for the child, reaping any orphan re-parented to us (we may be PID 1).
-    if proc.returncode is not None:
-        return _exit_code(proc.returncode)
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            return proc.returncode if proc.returncode is not None else 0
-        if pid == proc.pid:
-            code = _exit_code(os.waitstatus_to_exitcode(status))
-            proc.returncode = code
-            log(f"xinference-local exited with {code}")
-            return code
+    return wait_foreground(proc, "xinference-local")
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     try:
         cfg, args = parse_args(argv, env)
+        if (_first(os.environ if env is None else env, "XINFERENCE_ROLE") or "local").strip().lower() != "local":
+            from builder.runtime import xinference_cluster  # distributed mode: supervisor or worker
+
+            return xinference_cluster.main(cfg, args, env)
         if args.health:
             return health(cfg, args.health_timeout)
         return boot(cfg, env)

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from builder.errors import BuilderError
-from builder.image.push import push
+from builder.image.push import push, pushed_file
 from builder.spec import BuildSpec
 
 DIGEST = "sha256:" + "a" * 64
@@ -39,6 +39,12 @@ class FakeDocker:
         return DIGEST
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """push records digests under ./build: keep them out of the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 def test_pushes_built_images_tagging_them_for_the_registry(capsys):
     spec = BuildSpec(registry="127.0.0.1:5000", tag="t")
     docker = FakeDocker(local={"llm-chatglmcpp:t", "llm-xinference:t"})
@@ -46,6 +52,11 @@ def test_pushes_built_images_tagging_them_for_the_registry(capsys):
     assert pushed == {"127.0.0.1:5000/llm-chatglmcpp:t": DIGEST, "127.0.0.1:5000/llm-xinference:t": DIGEST}
     assert ("tag", "llm-chatglmcpp:t", "127.0.0.1:5000/llm-chatglmcpp:t") in docker.calls
     assert f"127.0.0.1:5000/llm-xinference:t@{DIGEST}" in capsys.readouterr().out
+    # recorded for `builder k8s`, which pins the manifests' images by these digests
+    assert json.loads(pushed_file(spec).read_text()) == {
+        "chatglmcpp": f"127.0.0.1:5000/llm-chatglmcpp:t@{DIGEST}",
+        "xinference": f"127.0.0.1:5000/llm-xinference:t@{DIGEST}",
+    }
 
 
 def test_failed_push_names_the_image():
