@@ -58,7 +58,7 @@ SPEC_OPTIONS: list[tuple[str, str, str | None, dict]] = [
     ("--ca-bundle", "ca_bundle", "CA_BUNDLE", {"help": "CA bundle file, a BuildKit secret."}),
     ("--wheelhouse", "wheelhouse", "WHEELHOUSE", {"help": "Local wheels for pip inside the build."}),
     ("--trust-remote-code/--no-trust-remote-code", "trust_remote_code", None, {}),
-    ("--xinference-engine", "xinference_engine", None, {"type": click.Choice(["transformers", "vllm"])}),
+    ("--xinference-engine", "xinference_engine", None, {"type": click.Choice(["llama.cpp", "transformers", "vllm"])}),
 ]
 
 

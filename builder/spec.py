@@ -113,7 +113,10 @@ class BuildSpec(BaseModel):
     hub_token_env: str = Field("HF_TOKEN", description="Environment variable holding the hub token (BuildKit secret)")
     api_key_env: str = Field("API_KEY", description="Compose variable holding the API key handed to every backend")
     trust_remote_code: bool = Field(False, description="Allow code from the model folder (vLLM, Xinference)")
-    xinference_engine: Literal["transformers", "vllm"] = Field("transformers", description="Xinference engine")
+    xinference_engine: Literal["llama.cpp", "transformers", "vllm"] = Field(
+        "llama.cpp",
+        description="Xinference engine: llama.cpp serves the GGUF (QUANT) on CPU; transformers and vllm the merged weights",
+    )
     ports: Ports = Field(default_factory=Ports)
 
     @field_validator("model")

@@ -102,9 +102,31 @@ def test_greedy_ids_equal_transformers(models, name, quant):
     model, tok = _reference(models, name)
     with llama_server(out, "-c", "512", "-np", "1") as url:
         for prompt in PROMPTS:
+            # Same text -> same ids (special tokens aside: see test_glm_completion_prompt_prefix).
+            plain = tok(prompt, add_special_tokens=False).input_ids
+            assert post(url + "/tokenize", {"content": prompt, "add_special": False})["tokens"] == plain, prompt
+            # Same ids -> same 16 greedy tokens.
             ids = tok(prompt).input_ids
-            assert post(url + "/tokenize", {"content": prompt, "add_special": True})["tokens"] == ids, prompt
             assert server_greedy(url, ids, N_NEW) == hf_greedy(model, ids, N_NEW), (name, quant, prompt)
+
+
+def test_glm_completion_prompt_prefix(models):
+    """A documented difference: for a raw completion prompt, llama.cpp adds GLM's BOS ([gMASK]) but not
+    the <sop> that transformers' GLM tokenizer also adds; chat prompts come out the same (the chat
+    template writes both, and llama.cpp drops its own BOS from the rendered template)."""
+    out = convert_gguf(models["folders"]["glm"], "f16", models["root"] / "glm-prefix.gguf", quiet=True).path
+    tok = AutoTokenizer.from_pretrained(models["folders"]["glm"])
+    gmask, sop = tok.convert_tokens_to_ids(["[gMASK]", "<sop>"])
+    messages = [{"role": "user", "content": "Who are you?"}]
+    chat_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    with llama_server(out, "-c", "512", "-np", "1") as url:
+        raw = post(url + "/tokenize", {"content": "Hello world", "add_special": True})["tokens"]
+        assert raw[:2] == [gmask, raw[1]] and raw[1] != sop
+        assert tok("Hello world").input_ids[:2] == [gmask, sop]
+        rendered = post(url + "/apply-template", {"messages": messages})["prompt"]
+        assert rendered.startswith("[gMASK]<sop><|user|>")
+        served = post(url + "/tokenize", {"content": rendered.removeprefix("[gMASK]"), "add_special": True})
+        assert served["tokens"] == list(chat_ids)
 
 
 def test_glm_hparams_reach_the_gguf(models):
@@ -193,7 +215,13 @@ def test_chatglm3_original_is_refused_with_a_remedy(tmp_path):
 
 def test_committed_architecture_list_is_the_pinned_converters():
     assert sorted(architectures()) == llamacpp.registered_architectures(source_dir())
-    assert {"GlmForCausalLM", "ChatGLMModel", "Glm4ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM"} <= architectures()
+    assert {
+        "GlmForCausalLM",
+        "ChatGLMModel",
+        "Glm4ForCausalLM",
+        "LlamaForCausalLM",
+        "Qwen2ForCausalLM",
+    } <= architectures()
 
 
 def test_truncated_gguf_is_refused(models, tmp_path):

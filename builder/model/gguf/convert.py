@@ -24,7 +24,7 @@ QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m"
 ARCHITECTURES_FILE = Path(__file__).with_name("architectures.txt")
 # Where the host keeps the pinned source and its own build (`make llamacpp`); the image build sets
 # LLAMA_CPP_SRC and LLAMA_QUANTIZE instead.
-HOME = Path(__file__).resolve().parents[3] / ".cache" / "llamacpp" / llamacpp.VERSION
+HOME = llamacpp.HOST_HOME
 
 __all__ = ["QUANTS", "architectures", "check_supported", "convert_gguf", "read_gguf"]
 
@@ -187,8 +187,8 @@ def read_gguf(path: Path) -> GGUFInfo:
         raise BuilderError(f"{path} is not a valid GGUF file ({type(e).__name__}: {e})") from None
     meta: dict[str, object] = {}
     for name, field in reader.fields.items():
-        if name.startswith("tokenizer.ggml.") and name not in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
-            meta[name] = f"[{len(field.data)} items]"
+        if len(field.data) > 1 and name not in ("tokenizer.chat_template",):
+            meta[name] = f"[{len(field.data)} items]"  # token lists, scores, merges
             continue
         try:
             meta[name] = field.contents()

@@ -24,6 +24,8 @@ VERSION = "0.3.36"
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 COMMIT = "0c1e570"  # vendor/llama.cpp in that sdist (ggml 0.25.3, gguf-py 0.19.0)
 TARGETS = ("llama-server", "llama-quantize")
+# The host's copy (`make llamacpp`): source, and the test build of llama-server and llama-quantize.
+HOST_HOME = Path(__file__).resolve().parents[3] / ".cache" / "llamacpp" / VERSION
 
 # Every build: Release, no network client (models are baked in), no tests/examples/web UI, and no
 # -march=native unless a caller asks for it (GGML_NATIVE=ON only for the host's own test build).
@@ -151,6 +153,23 @@ def registered_architectures(src: Path) -> list[str]:
     raise RuntimeError(f"{src}/conversion/__init__.py has no TEXT_MODEL_MAP")
 
 
+def build_host() -> Path:
+    """The host build in HOST_HOME/host, rebuilt only when the pin or the flags change (a stamp records them)."""
+    out = HOST_HOME / "host"
+    stamp = out / ".built-with"
+    want = " ".join([VERSION, SHA256, *CMAKE_HOST])
+    if stamp.is_file() and stamp.read_text() == want and all((out / t).is_file() for t in TARGETS):
+        log(f"{out}: up to date")
+        return out
+    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"[llamacpp] need {' and '.join(missing)} to build llama.cpp (apt-get install cmake g++)")
+    src = fetch_source(HOST_HOME / "src", HOST_HOME.parent / "dl")
+    build(src, out, list(CMAKE_HOST))
+    stamp.write_text(want)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m builder.model.gguf.llamacpp", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -164,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--cuda-architectures", help="Also build the CUDA backend for these architectures.")
     b.add_argument("--download-dir", type=Path)
     b.add_argument("-j", "--jobs", type=int)
+    sub.add_parser("host", help=f"Fetch and build for this machine into {HOST_HOME} (once; `make llamacpp`).")
     r = sub.add_parser("architectures", help="Print the architectures the converter registers.")
     r.add_argument("--src", type=Path, required=True)
     a = p.parse_args(argv)
@@ -172,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.cmd == "source":
         fetch_source(a.out, a.download_dir)
+        return 0
+    if a.cmd == "host":
+        build_host()
         return 0
     fetch_source(a.src, a.download_dir)
     flags = list(CMAKE_HOST) if a.host else cmake_image_flags(a.cuda_architectures)
