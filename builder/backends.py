@@ -113,8 +113,8 @@ def _check_chatglmcpp(config: dict, spec: BuildSpec) -> Optional[str]:
     from builder.errors import BuilderError
     from builder.model.convert import check_supported
 
-    try:
-        check_supported(config, spec.quant)
+    try:  # a QUANT it cannot produce is _check_quant's to report (it names the backends that can)
+        check_supported(config, spec.quant if spec.quant in GGML_QUANTS else "f16")
     except BuilderError as e:
         return str(e)
     return None

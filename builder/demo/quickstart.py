@@ -26,7 +26,11 @@ WHEELHOUSE = CACHE / "wheelhouse"
 console = Console(stderr=True)
 
 # Where no local bases can be made: small public images (the defaults target real GPU hosts).
-PUBLIC_DEMO_BASES = {"build": "python:3.11-slim-bookworm", "chatglmcpp": "python:3.11-slim-bookworm"}
+PUBLIC_DEMO_BASES = {
+    "build": "python:3.11-slim-bookworm",
+    "chatglmcpp": "python:3.11-slim-bookworm",
+    "llamacpp": "debian:bookworm-slim",
+}
 
 
 def _can_run_harness() -> bool:
@@ -69,6 +73,7 @@ def demo_spec_flags(models: Path) -> dict:
         flags.update(
             base_images__build="local/python:bookworm",
             base_images__chatglmcpp="local/python:bookworm",
+            base_images__llamacpp="local/debian:bookworm-slim",
             base_images__xinference="local/xinference:latest",
         )
     else:

@@ -58,7 +58,10 @@ def resolve_backends(spec: BuildSpec, config: dict | None) -> list[str]:
     else:
         chosen, skipped = [], []
         for backend in backends.REGISTRY.values():
-            reason = backend.check(config, spec)
+            types = backend.quant_types(spec)
+            reason = backend.check(config, spec) or (
+                f"it cannot produce QUANT={spec.quant}" if types and spec.quant not in types else None
+            )
             if reason:
                 skipped.append(f"{backend.name}: {reason}")
             else:
