@@ -113,7 +113,18 @@ def start(kind: str, model: Path, threads: int) -> tuple[subprocess.Popen, str]:
         cmd = [server, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads)]
         cmd += ["-np", "8", "--kv-unified", "-c", "4096", "--no-webui"]
     else:
-        cmd = [sys.executable, "-m", "builder", "serve", "--ggml", str(model), "--port", str(port), "--host", "127.0.0.1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "builder",
+            "serve",
+            "--ggml",
+            str(model),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     wait_health(url, proc)

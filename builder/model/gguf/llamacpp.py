@@ -89,13 +89,15 @@ def fetch_source(out: Path, download_dir: Path | None = None) -> Path:
         _check_sha256(sdist)
         prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
         extracted = tmp_path / "llama.cpp"
+        # Regular files and folders only, under vendor/llama.cpp (the "data" filter where this Python has it).
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (m.isfile() or m.isdir())]
             for m in members:
                 m.name = m.name[len(prefix) :]
-                if not m.name or m.name == ".git" or m.name.startswith(".git/"):
+                if not m.name or m.name == ".git" or m.name.startswith(".git/") or ".." in Path(m.name).parts:
                     continue
-                tar.extract(m, extracted, filter="data")
+                tar.extract(m, extracted, **safe)
         # The sdist's .git is a file pointing into the sdist's own git dir: without it cmake only
         # warns that there is no repository (and takes LLAMA_BUILD_COMMIT instead).
         (extracted / ".git").unlink(missing_ok=True)
