@@ -32,10 +32,29 @@ GAPS = {
     "transformers": {"completions", "stop", "max_tokens_length", "usage"},
 }
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not XINFERENCE_LOCAL.exists(), reason=f"no Xinference venv at {XINFERENCE_VENV}"),
-]
+needs_xinference = pytest.mark.skipif(not XINFERENCE_LOCAL.exists(), reason=f"no Xinference venv at {XINFERENCE_VENV}")
+
+
+def test_gguf_registration_and_launch(tmp_path):
+    """The llama.cpp engine's registration: ggufv2, the image's QUANT, the folder's one .gguf file."""
+    import json
+
+    from builder.runtime import xinference_boot as xb
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GlmForCausalLM"], "seq_length": 4096}))
+    (tmp_path / "model.gguf").write_bytes(b"GGUF" + bytes(2_000_000))
+    env = {"MODEL_PATH": str(tmp_path), "XINFERENCE_ENGINE": "llama.cpp", "XINFERENCE_QUANTIZATION": "q4_k_m"}
+    cfg, _ = xb.parse_args([], env)
+    spec = xb.model_spec(cfg)
+    (weights,) = spec["model_specs"]
+    assert weights["model_format"] == "ggufv2" and weights["quantization"] == "q4_k_m"
+    assert weights["model_file_name_template"] == "model.gguf"
+    assert weights["model_uri"] == f"file://{tmp_path.resolve()}" and spec["context_length"] == 4096
+    launch = xb.launch_request(cfg, spec)
+    assert (launch["model_engine"], launch["model_format"], launch["quantization"]) == ("llama.cpp", "ggufv2", "q4_k_m")
+    (tmp_path / "other.gguf").write_bytes(b"GGUF")
+    with pytest.raises(xb.BootError, match="exactly one .gguf"):
+        xb.model_spec(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +83,7 @@ def _boot(model: Path, engine: str, home: Path) -> tuple[subprocess.Popen, str]:
     from _llama_server import free_port
 
     port = free_port()
+    home.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("XINFERENCE_") and k != "API_KEY"}
     env.update(
         XINFERENCE_HOME=str(home), XINFERENCE_HOST="127.0.0.1", XINFERENCE_PORT=str(port),
@@ -82,6 +102,8 @@ def _boot(model: Path, engine: str, home: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
+@needs_xinference
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["llama.cpp", "transformers"])
 def test_openai_features_per_engine(demo_merged, engine, tmp_path):
     if engine == "llama.cpp":
