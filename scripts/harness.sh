@@ -166,7 +166,9 @@ cmd_engine_up() {
       log "engine: starting dockerd (log: $STATE/dockerd.log)"
       # setsid: own session, so it outlives this script and the pytest process.
       # shellcheck disable=SC2086
-      setsid dockerd ${DOCKERD_ARGS:-} >>"$STATE/dockerd.log" 2>&1 </dev/null &
+      # 3>&- ... 9>&-: a caller's open descriptors (`flock LOCK make e2e` holds its lock on fd 3) must
+      # not live on in the daemon, or the lock is never released.
+      setsid dockerd ${DOCKERD_ARGS:-} >>"$STATE/dockerd.log" 2>&1 </dev/null 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
       echo $! >"$STATE/dockerd.pid"
     fi
     local t="${HARNESS_ENGINE_TIMEOUT:-90}" i
@@ -214,7 +216,8 @@ http:
 EOF
   if ! pid_alive "$STATE/registry.pid" docker-registry; then
     log "registry: starting docker-registry on $REGISTRY_ADDR (log: $STATE/registry.log)"
-    setsid docker-registry serve "$STATE/registry/config.yml" >>"$STATE/registry.log" 2>&1 </dev/null &
+    setsid docker-registry serve "$STATE/registry/config.yml" >>"$STATE/registry.log" 2>&1 </dev/null \
+      3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
     echo $! >"$STATE/registry.pid"
   fi
   local t="${HARNESS_REGISTRY_TIMEOUT:-30}" i

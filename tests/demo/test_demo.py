@@ -283,6 +283,8 @@ def test_llamacpp_api_key_is_enforced(llamacpp_lora):
     import urllib.error
     import urllib.request
 
+    body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
+    req = urllib.request.Request(f"{llamacpp_lora}/v1/chat/completions", data=body)
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(f"{llamacpp_lora}/v1/models", timeout=30)
+        urllib.request.urlopen(req, timeout=30)
     assert err.value.code == 401
