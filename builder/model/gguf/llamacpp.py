@@ -24,8 +24,10 @@ VERSION = "0.3.36"
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 COMMIT = "0c1e570"  # vendor/llama.cpp in that sdist (ggml 0.25.3, gguf-py 0.19.0)
 TARGETS = ("llama-server", "llama-quantize")
-# The host's copy (`make llamacpp`): source, and the test build of llama-server and llama-quantize.
-HOST_HOME = Path(__file__).resolve().parents[3] / ".cache" / "llamacpp" / VERSION
+# The host's copy (`make llamacpp`): source, and the test build of llama-server and llama-quantize, in
+# the checkout's .cache/ (this file also runs alone, copied into the image build's source stage).
+_HERE = Path(__file__).resolve()
+HOST_HOME = (_HERE.parents[3] if len(_HERE.parents) > 3 else Path.cwd()) / ".cache" / "llamacpp" / VERSION
 
 # Every build: Release, no network client (models are baked in), no tests/examples/web UI, and no
 # -march=native unless a caller asks for it (GGML_NATIVE=ON only for the host's own test build).
