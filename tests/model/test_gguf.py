@@ -134,9 +134,8 @@ def test_glm_completion_prompt_prefix(models):
         assert raw[:2] == [gmask, raw[1]] and raw[1] != sop
         assert tok("Hello world").input_ids[:2] == [gmask, sop]
         rendered = post(url + "/apply-template", {"messages": messages})["prompt"]
-        assert rendered.startswith("[gMASK]<sop><|user|>")
-        served = post(url + "/tokenize", {"content": rendered.removeprefix("[gMASK]"), "add_special": True})
-        assert served["tokens"] == list(chat_ids)
+        served = post(url + "/tokenize", {"content": rendered, "add_special": True, "parse_special": True})
+        assert served["tokens"] == list(chat_ids), rendered
 
 
 def test_glm_hparams_reach_the_gguf(models):
@@ -186,7 +185,7 @@ def test_no_remote_code_runs(models, tmp_path):
 
 
 def test_lazy_conversion_uses_less_memory_than_the_model(models, tmp_path):
-    """Lazy conversion of a 64 MB model stays below loading it (the converter's own baseline included)."""
+    """Lazy conversion stays well below loading the whole model (same imports on both sides)."""
     big = tmp_path / "llama-big"
     make_random_llama(big, hidden_size=1024, intermediate_size=2816, num_layers=4, num_heads=8, num_kv_heads=8)
     lazy = convert_gguf(big, "f32", tmp_path / "lazy.gguf", quiet=True)
@@ -196,14 +195,15 @@ def test_lazy_conversion_uses_less_memory_than_the_model(models, tmp_path):
     eager = subprocess.run(
         [sys.executable, "-c", _LOAD_WHOLE, str(big)], capture_output=True, text=True, check=True
     ).stdout
-    assert lazy.converter_peak_rss_mb < float(eager), (lazy.converter_peak_rss_mb, eager)
+    assert lazy.converter_peak_rss_mb + size_mb / 2 < float(eager), (lazy.converter_peak_rss_mb, eager, size_mb)
 
 
+# Peak RSS from VmHWM (this process image only; ru_maxrss would include the forking parent's).
 _LOAD_WHOLE = """
-import resource, sys, torch
+import re, sys, torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024)
 """
 
 

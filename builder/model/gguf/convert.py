@@ -93,17 +93,34 @@ class Converted:
     converter_peak_rss_mb: float  # the converter child's peak resident memory
 
 
+def _peak_rss_mb(pid: int) -> float:
+    """VmHWM of a running process: the high-water mark of its own memory image (0 once it is gone).
+    (ru_maxrss would not do: Linux carries the forking parent's peak over into the child.)"""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def _run(cmd: list[str], quiet: bool, what: str) -> float:
     """Run a tool (its output to stderr, or kept for the error when quiet); its peak RSS in MB."""
+    import time
+
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, stdout=log if quiet else sys.stderr, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, _peak_rss_mb(proc.pid))
+            time.sleep(0.05)
         if proc.returncode != 0:
             log.seek(0)
             tail = log.read()[-4000:]
             raise BuilderError(f"{what} failed (exit {proc.returncode})" + (f":\n{tail}" if tail else ""))
-    return usage.ru_maxrss / 1024
+    return peak
 
 
 def convert_gguf(

@@ -44,8 +44,11 @@ def converter_folder(model: Path, work: Path) -> Path:
     shadow = work / "glm4-original"
     shadow.mkdir()
     for f in model.iterdir():
-        if f.is_file() and f.name not in TOKENIZER_FILES and f.suffix != ".py":
+        if f.is_file() and f.name not in TOKENIZER_FILES | {"config.json"} and f.suffix != ".py":
             (shadow / f.name).symlink_to(f.resolve())
+    # The converter reads hparams["vocab_size"] even when padded_vocab_size is there (an eager default).
+    config.setdefault("vocab_size", config.get("padded_vocab_size"))
+    (shadow / "config.json").write_text(json.dumps(config, indent=2))
     _write_glm4_tokenizer(tm.read_bytes(), model, shadow)
     return shadow
 
