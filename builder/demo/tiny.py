@@ -262,7 +262,7 @@ def build_bpe_tokenizer(
 
 def make_random_llama(
     out_dir: Path, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
-    intermediate_size: int = 128, seed: int = 0,
+    intermediate_size: int = 128, seed: int = 0, dtype=None,
 ) -> Path:  # fmt: skip
     """Save a random LlamaForCausalLM with a Llama-3 style tokenizer and chat template to `out_dir`."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -281,6 +281,8 @@ def make_random_llama(
     )  # fmt: skip
     config.architectures = ["LlamaForCausalLM"]
     model = _randomized(LlamaForCausalLM, config, seed)
+    if dtype is not None:
+        model = model.to(dtype)
     model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=[end, eot], pad_token_id=end)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     return Path(out_dir)

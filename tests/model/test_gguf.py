@@ -185,26 +185,19 @@ def test_no_remote_code_runs(models, tmp_path):
 
 
 def test_lazy_conversion_uses_less_memory_than_the_model(models, tmp_path):
-    """Lazy conversion stays well below loading the whole model (same imports on both sides)."""
+    """Lazy (the default) streams tensors into the file; the converter's eager mode holds them all first."""
     big = tmp_path / "llama-big"
-    make_random_llama(big, hidden_size=1024, intermediate_size=2816, num_layers=4, num_heads=8, num_kv_heads=8)
-    lazy = convert_gguf(big, "f32", tmp_path / "lazy.gguf", quiet=True)
-    assert lazy.converter_peak_rss_mb > 0
+    make_random_llama(
+        big, hidden_size=1024, intermediate_size=2816, num_layers=6, num_heads=8, num_kv_heads=8, dtype=torch.bfloat16
+    )
     size_mb = sum(f.stat().st_size for f in big.glob("*.safetensors")) / 1e6
-    assert size_mb > 60
-    eager = subprocess.run(
-        [sys.executable, "-c", _LOAD_WHOLE, str(big)], capture_output=True, text=True, check=True
-    ).stdout
-    assert lazy.converter_peak_rss_mb + size_mb / 2 < float(eager), (lazy.converter_peak_rss_mb, eager, size_mb)
-
-
-# Peak RSS from VmHWM (this process image only; ru_maxrss would include the forking parent's).
-_LOAD_WHOLE = """
-import re, sys, torch
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
-print(int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024)
-"""
+    lazy = convert_gguf(big, "f16", tmp_path / "lazy.gguf", quiet=True)
+    eager = convert_gguf(big, "f16", tmp_path / "eager.gguf", quiet=True, eager=True)
+    print(f"\n{size_mb:.0f} MB bf16 model to f16 GGUF, converter peak RSS: lazy {lazy.converter_peak_rss_mb:.0f} MB, "
+          f"eager {eager.converter_peak_rss_mb:.0f} MB")  # fmt: skip
+    assert size_mb > 150
+    assert lazy.converter_peak_rss_mb + size_mb / 2 < eager.converter_peak_rss_mb
+    assert (tmp_path / "lazy.gguf").read_bytes() == (tmp_path / "eager.gguf").read_bytes()
 
 
 def test_unsupported_architecture_and_bad_type(tmp_path):

@@ -124,9 +124,11 @@ def _run(cmd: list[str], quiet: bool, what: str) -> float:
 
 
 def convert_gguf(
-    model: Path, quant: str, out: Path, *, pre_tokenizer: str | None = None, quiet: bool = False
+    model: Path, quant: str, out: Path, *, pre_tokenizer: str | None = None, quiet: bool = False, eager: bool = False
 ) -> Converted:
-    """Convert a Hugging Face model folder to a GGUF file of type `quant` at `out` (temp file, then rename)."""
+    """Convert a Hugging Face model folder to a GGUF file of type `quant` at `out` (temp file, then rename).
+
+    `eager` (benchmarks only) runs the converter with --no-lazy: every tensor in memory before writing."""
     from builder.model.gguf import originals
 
     model, out = Path(model), Path(out)
@@ -151,7 +153,7 @@ def convert_gguf(
         cmd = [sys.executable, "-m", "builder.model.gguf.hf_to_gguf", "--llama-cpp", str(src)]
         if pre_tokenizer:
             cmd += ["--pre-tokenizer", pre_tokenizer]
-        cmd += ["--", str(folder), "--outfile", str(first), "--outtype", float_type]
+        cmd += ["--", str(folder), "--outfile", str(first), "--outtype", float_type, *(["--no-lazy"] if eager else [])]
         try:
             peak = _run(cmd, quiet, "convert_hf_to_gguf.py")
             if quantizer is not None:
