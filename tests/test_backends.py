@@ -106,6 +106,10 @@ def test_llamacpp_tunables_reach_image_and_compose():
         assert f"    {name}={value} \\\n" in text["Dockerfile.llamacpp"]
         assert service["environment"][name] == f"${{{name}:-{value}}}"
     assert 'ENTRYPOINT ["/opt/llama.cpp/llama-server"]' in text["Dockerfile.llamacpp"]
+    runtime = text["Dockerfile.llamacpp"].split(" AS runtime", 1)[1]
+    # nothing but llama.cpp's binaries and the GGUF: no builder code, no pip, no apt, no compiler
+    assert "src/builder" not in runtime and "pip" not in runtime and "apt-get" not in runtime
+    assert runtime.count("COPY --from=") == 2
 
 
 def test_xllamacpp_pin_is_the_makefiles():

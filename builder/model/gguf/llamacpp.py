@@ -85,7 +85,7 @@ def fetch_source(out: Path, download_dir: Path | None = None) -> Path:
             req = tmp_path / "requirements.txt"
             req.write_text(f"{SDIST}=={VERSION} --hash=sha256:{SHA256}\n")
             log(f"downloading the {SDIST} {VERSION} sdist (it vendors llama.cpp {COMMIT})")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", SDIST]
             cmd += ["--require-hashes", "-r", str(req), "-d", str(dl), "--disable-pip-version-check", "-q"]
             subprocess.run(cmd, check=True)
         _check_sha256(sdist)
