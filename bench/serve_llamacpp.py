@@ -111,7 +111,7 @@ def start(kind: str, model: Path, threads: int) -> tuple[subprocess.Popen, str]:
 
         server = os.environ.get("LLAMA_SERVER") or str(HOME / "host" / "llama-server")
         cmd = [server, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads)]
-        cmd += ["-np", "8", "--kv-unified", "-c", "4096", "--no-webui"]
+        cmd += ["-np", "8", "--kv-unified", "-c", "4096", "--no-webui", "--alias", "m"]
     else:
         cmd = [
             sys.executable,
