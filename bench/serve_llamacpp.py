@@ -124,6 +124,8 @@ def start(kind: str, model: Path, threads: int) -> tuple[subprocess.Popen, str]:
             str(port),
             "--host",
             "127.0.0.1",
+            "--served-model-name",
+            "m",
         ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
