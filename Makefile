@@ -22,7 +22,7 @@ unexport $(SPEC_VARS)
 
 .PHONY: help venv test e2e spec image push up down smoke demo render lint fmt clean wheelhouse llamacpp
 
-include mk/xinference.mk mk/vllm.mk
+include mk/xinference.mk mk/xllamacpp.mk mk/vllm.mk
 
 help: ## list targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]+):.*## (.*)/  make \1\t\2/' | sort

@@ -115,7 +115,7 @@ def test_llamacpp_tunables_reach_image_and_compose():
 def test_xllamacpp_pin_is_the_makefiles():
     from pathlib import Path
 
-    mk = (Path(__file__).resolve().parents[1] / "mk" / "xinference.mk").read_text()
+    mk = (Path(__file__).resolve().parents[1] / "mk" / "xllamacpp.mk").read_text()
     assert f"XLLAMACPP_VERSION := {backends.XLLAMACPP_VERSION}\n" in mk
 
 
