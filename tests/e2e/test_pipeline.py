@@ -306,7 +306,12 @@ def test_llamacpp_runtime_has_no_compiler_no_python(up, demo_models):
     # size above the model: the image minus its last layer (the GGUF)
     history = docker("history", "--no-trunc", "--format", "{{.Size}}\t{{.CreatedBy}}", _image("llamacpp")).stdout
     gguf_layer = next(line for line in history.splitlines() if "/models/model.gguf" in line)
-    print("\nllama.cpp image:", info["Size"] / 1e6, "MB total; model layer", gguf_layer.split("\t")[0])
+    binaries = next(line for line in history.splitlines() if "/opt/llama.cpp /opt/llama.cpp" in line)
+    base = json.loads(docker("image", "inspect", "local/debian:bookworm-slim").stdout)[0]["Size"]
+    print(
+        f"\nllama.cpp image: {info['Size'] / 1e6:.1f} MB = base {base / 1e6:.1f} MB + /opt/llama.cpp "
+        f"{binaries.split(chr(9))[0]} + user/labels + model {gguf_layer.split(chr(9))[0]}"
+    )
     TIMINGS["llamacpp image MB"] = info["Size"] / 1e6
 
 
