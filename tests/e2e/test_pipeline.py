@@ -382,7 +382,7 @@ def test_adapter_only_rebuild_reuses_code_layers(built, tmp_path):
 
     adapter2 = tmp_path / "adapter2"
     shutil.copytree(built["adapter"], adapter2)
-    (adapter2 / "README.md").write_text("retrained adapter\n")
+    (adapter2 / "README.md").write_text(f"retrained adapter {time.time_ns()}\n")  # new each run: never cached
     start = time.monotonic()
     _make(
         "image",
