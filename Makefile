@@ -20,9 +20,9 @@ $(foreach v,$(SPEC_VARS),$(eval export BUILDER_$(v) := $$(value $(v))))
 # ...and the variables themselves stay out of recipe environments, where Make would expand them.
 unexport $(SPEC_VARS)
 
-.PHONY: help venv test e2e spec image push up down smoke demo render k8s cluster-up cluster-down lint fmt clean wheelhouse
+.PHONY: help venv test e2e spec image push up down smoke demo render k8s cluster-up cluster-down lint fmt clean wheelhouse llamacpp
 
-include mk/xinference.mk mk/vllm.mk
+include mk/xinference.mk mk/xllamacpp.mk mk/vllm.mk
 
 help: ## list targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]+):.*## (.*)/  make \1\t\2/' | sort
@@ -35,8 +35,13 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv with the project and its test extras
 
-test: venv xinference-venv ## unit and integration tests (no Docker)
+test: venv xinference-venv llamacpp xllamacpp ## unit and integration tests (no Docker)
 	$(PYTEST) -q
+
+# llama-server and llama-quantize for the host tests, compiled once from the pinned llama.cpp source
+# (builder/model/gguf/llamacpp.py) into .cache/llamacpp/; rebuilt only when the pin or flags change.
+llamacpp: venv ## build llama.cpp's server and quantizer for this machine (cached under .cache/llamacpp)
+	$(VENV)/bin/python -m builder.model.gguf.llamacpp host
 
 wheelhouse: ## .cache/wheelhouse: the CPU torch wheel this machine kind ships, for image builds
 	mkdir -p .cache/wheelhouse && for w in /opt/wheels/*.whl; do [ -e "$$w" ] || continue; \

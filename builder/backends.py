@@ -38,6 +38,16 @@ def http_probe(port: int, path: str) -> tuple[str, ...]:
     return ("python3", "-c", code)
 
 
+def bash_probe(port: int, path: str) -> tuple[str, ...]:
+    """Exec-form probe for images without Python or curl: an HTTP/1.0 GET over bash's /dev/tcp, healthy
+    on a 200 status line (no `$` in it: compose would interpolate one)."""
+    script = (
+        f"exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3 "
+        "&& grep -q '^HTTP/1.[01] 200' <&3"
+    )
+    return ("bash", "-c", script)
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str  # BACKEND= value, image suffix, compose service and profile, spec field names
@@ -56,8 +66,10 @@ class Backend:
     gpu: bool = False  # needs an NVIDIA GPU to serve
     cache_volume: Optional[str] = None  # container path that compose backs with a named volume
     passthrough_env: tuple[str, ...] = ()  # host/.env variables compose hands to the container as they are
+    tunables: tuple[tuple[str, str], ...] = ()  # (container variable, default): image ENV, overridable via .env
     stop_grace_period: str = "10s"  # time between SIGTERM and SIGKILL on `docker compose stop`
     smoke_skip: frozenset[str] = frozenset()  # smoke checks its pinned version cannot pass (upstream gaps)
+    gguf: bool = False  # serves a GGUF: its image builds the llama.cpp stages (compile, convert, quantize)
     demo: bool = False  # built and asked by `make demo`
 
     @property
@@ -70,6 +82,13 @@ class Backend:
 
     def uses_cuda(self, spec: BuildSpec) -> bool:
         return self.gpu or (spec.cuda and self.cuda_base is not None)
+
+    def serves_gguf(self, spec: BuildSpec) -> bool:
+        return self.gguf or (self.name == "xinference" and spec.xinference_engine == "llama.cpp")
+
+    def quant_types(self, spec: BuildSpec) -> tuple[str, ...]:
+        """The QUANT types this build produces; () when it serves the merged weights as they are."""
+        return GGUF_QUANTS if self.serves_gguf(spec) else self.quants
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -94,18 +113,31 @@ def _check_chatglmcpp(config: dict, spec: BuildSpec) -> Optional[str]:
     from builder.errors import BuilderError
     from builder.model.convert import check_supported
 
-    try:
-        check_supported(config, spec.quant)
+    try:  # a QUANT it cannot produce is _check_quant's to report (it names the backends that can)
+        check_supported(config, spec.quant if spec.quant in GGML_QUANTS else "f16")
     except BuilderError as e:
         return str(e)
     return None
 
 
+def _check_llamacpp(config: dict, spec: BuildSpec) -> Optional[str]:
+    from builder.model.gguf.convert import check_supported
+
+    return check_supported(config)
+
+
 def _check_xinference(config: dict, spec: BuildSpec) -> Optional[str]:
+    if spec.xinference_engine == "llama.cpp":
+        return _check_llamacpp(config, spec)
     return REMOTE_CODE if "auto_map" in config and not spec.trust_remote_code else None
 
 
+# Xinference's llama.cpp engine imports xllamacpp; the image installs this prebuilt CPU wheel when its
+# base has none (the Xinference base images of the 4.x line do not pin one).
+XLLAMACPP_VERSION = "2026.10.11549"
+
 GGML_QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k")
 
 REGISTRY: dict[str, Backend] = {
     b.name: b
@@ -139,6 +171,23 @@ REGISTRY: dict[str, Backend] = {
             check=_check_chatglmcpp,
             quants=GGML_QUANTS,
             cuda_base="nvidia/cuda:12.8.1-runtime-ubuntu24.04",
+            demo=True,
+        ),
+        Backend(
+            name="llamacpp",
+            title="llama.cpp",
+            serves="GGUF (f32 … q4_k_m), `llama-server` (continuous batching)",
+            base_image="debian:bookworm-slim",
+            base_arg="LLAMACPP_BASE",
+            port=8002,
+            health_path="/health",
+            healthcheck=Healthcheck(bash_probe(8002, "/health"), "2s", "5s", 5, "60s"),
+            api_key_var="LLAMA_API_KEY",
+            check=_check_llamacpp,
+            quants=GGUF_QUANTS,
+            cuda_base="nvidia/cuda:12.8.1-runtime-ubuntu24.04",
+            tunables=(("LLAMA_ARG_N_PARALLEL", "8"), ("LLAMA_ARG_CTX_SIZE", "4096"), ("LLAMA_ARG_THREADS", "-1")),
+            gguf=True,
             demo=True,
         ),
         Backend(

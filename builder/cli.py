@@ -55,10 +55,11 @@ SPEC_OPTIONS: list[tuple[str, str, str | None, dict]] = [
     *[(f"--{name}-base", f"base_images__{name}", None, {}) for name in backends.NAMES],
     ("--cuda/--no-cuda", "cuda", None, {"help": "Build the CUDA variant of backends that have one."}),
     ("--cuda-architectures", "cuda_architectures", None, {}),
+    ("--llamacpp-cpu", "llamacpp_cpu", None, {"type": click.Choice(["all-variants", "avx2"])}),
     ("--ca-bundle", "ca_bundle", "CA_BUNDLE", {"help": "CA bundle file, a BuildKit secret."}),
     ("--wheelhouse", "wheelhouse", "WHEELHOUSE", {"help": "Local wheels for pip inside the build."}),
     ("--trust-remote-code/--no-trust-remote-code", "trust_remote_code", None, {}),
-    ("--xinference-engine", "xinference_engine", None, {"type": click.Choice(["transformers", "vllm"])}),
+    ("--xinference-engine", "xinference_engine", None, {"type": click.Choice(["llama.cpp", "transformers", "vllm"])}),
 ]
 
 
@@ -164,21 +165,42 @@ def merge(base, adapter, out, dtype, device, force, quiet) -> None:
 
 
 @cli.command()
-@click.option("--model", "model", type=PathArg, required=True, help="Model folder (ChatGLM2/3, GLM-4 or native GLM).")
-@click.option("--quant", type=click.Choice(backends.GGML_QUANTS), default="q4_0", show_default=True)
-@click.option("--out", type=PathArg, required=True, help="Output GGML file.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def convert(model, quant, out, quiet) -> None:
-    """Convert a model folder to chatglm.cpp's GGML format, without running code from the folder."""
+@click.option("--model", "model", type=PathArg, required=True, help="Hugging Face model folder.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["ggml", "gguf"]),
+    default="ggml",
+    show_default=True,
+    help="ggml: chatglm.cpp (GLM family); gguf: llama.cpp (every architecture its converter registers).",
+)
+@click.option("--quant", type=click.Choice(backends.QUANTS), default="q4_0", show_default=True)
+@click.option("--out", type=PathArg, required=True, help="Output file.")
+@click.option("--pre-tokenizer", help="gguf: llama.cpp pre-tokenizer for a BPE tokenizer it does not recognise.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def convert(model, fmt, quant, out, pre_tokenizer, quiet) -> None:
+    """Convert a model folder to GGML (chatglm.cpp) or GGUF (llama.cpp), without running code from the folder."""
+    if fmt == "gguf":
+        from builder.model.gguf.convert import convert_gguf
+
+        click.echo(convert_gguf(model, quant, out, pre_tokenizer=pre_tokenizer, quiet=quiet).path)
+        return
     from builder.model.convert import convert_model
 
+    if quant not in backends.GGML_QUANTS:
+        raise BuilderError(f"--quant {quant} is not a GGML type ({', '.join(backends.GGML_QUANTS)}); try --format gguf")
     click.echo(convert_model(model, quant=quant, out=out, quiet=quiet))
 
 
 @cli.command()
 @click.argument("file", type=PathArg)
 def inspect(file) -> None:
-    """Print and validate a chatglm.cpp GGML file."""
+    """Print and validate a chatglm.cpp GGML or a llama.cpp GGUF file."""
+    from builder.model.gguf.convert import describe_gguf, is_gguf, read_gguf
+
+    if file.is_file() and is_gguf(file):
+        click.echo(describe_gguf(read_gguf(file)))
+        return
     from builder.model.convert.inspect import main as inspect_main
 
     inspect_main(file)

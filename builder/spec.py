@@ -107,13 +107,20 @@ class BuildSpec(BaseModel):
     cuda: bool = Field(
         False, description="Build the CUDA variant of every backend that has one (chatglm.cpp: -DGGML_CUDA=ON)"
     )
+    llamacpp_cpu: Literal["all-variants", "avx2"] = Field(
+        "all-variants",
+        description="llama.cpp's CPU code: every x86 ISA level, picked at start (runtime dispatch), or one AVX2 build (a quarter of the compile)",
+    )
     cuda_architectures: str = Field("80;86;89;90", description="CMAKE_CUDA_ARCHITECTURES for the CUDA builds")
     ca_bundle: Path | None = Field(None, description="CA bundle for TLS-intercepting proxies (BuildKit secret)")
     wheelhouse: Path | None = Field(None, description="Folder of local wheels pip uses inside the build")
     hub_token_env: str = Field("HF_TOKEN", description="Environment variable holding the hub token (BuildKit secret)")
     api_key_env: str = Field("API_KEY", description="Compose variable holding the API key handed to every backend")
     trust_remote_code: bool = Field(False, description="Allow code from the model folder (vLLM, Xinference)")
-    xinference_engine: Literal["transformers", "vllm"] = Field("transformers", description="Xinference engine")
+    xinference_engine: Literal["llama.cpp", "transformers", "vllm"] = Field(
+        "llama.cpp",
+        description="Xinference engine: llama.cpp serves the GGUF (QUANT) on CPU; transformers and vllm the merged weights",
+    )
     ports: Ports = Field(default_factory=Ports)
 
     @field_validator("model")

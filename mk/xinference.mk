@@ -17,16 +17,20 @@ export XINFERENCE_VENV
 
 .PHONY: xinference-venv xinference-venv-clean
 
-# Idempotent: the stamp records the pins; a change of pins (or a broken venv) rebuilds it.
+# Idempotent: the stamp records the pins; a change of pins (or a broken venv) rebuilds it, while an
+# edit elsewhere in this file only refreshes the stamp. One shell command: an `exit 0` on a recipe
+# line of its own would not stop the lines after it.
 xinference-venv: $(XINFERENCE_VENV)/.pins-ok
 
 $(XINFERENCE_VENV)/.pins-ok: mk/xinference.mk
-	@if [ -x "$(XINFERENCE_PY)" ] && [ -f "$@" ] && [ "$$(cat $@)" = "$(XINFERENCE_PINS)" ]; then exit 0; fi
-	python3 -m venv "$(XINFERENCE_VENV)"
-	"$(XINFERENCE_PY)" -m pip install -q $(XINFERENCE_PINS)
-	"$(XINFERENCE_PY)" -m pip uninstall -y -q torchvision || true
-	"$(XINFERENCE_PY)" -c "import torch, xinference.client, xinference.deploy.local; print('xinference venv:', xinference.__version__, 'torch', torch.__version__)"
-	@echo "$(XINFERENCE_PINS)" > "$@"
+	@if [ -x "$(XINFERENCE_PY)" ] && [ -f "$@" ] && [ "$$(cat $@)" = "$(XINFERENCE_PINS)" ]; then touch "$@"; else \
+	  set -ex; \
+	  python3 -m venv "$(XINFERENCE_VENV)"; \
+	  "$(XINFERENCE_PY)" -m pip install -q $(XINFERENCE_PINS); \
+	  "$(XINFERENCE_PY)" -m pip uninstall -y -q torchvision || true; \
+	  "$(XINFERENCE_PY)" -c "import torch, xinference.client, xinference.deploy.local; print('xinference venv:', xinference.__version__, 'torch', torch.__version__)"; \
+	  echo "$(XINFERENCE_PINS)" > "$@"; \
+	fi
 
 xinference-venv-clean:
 	rm -rf "$(XINFERENCE_VENV)"

@@ -41,6 +41,7 @@ COMPOSE_VERSION=2.40.3
 PLUGIN_DIR="${DOCKER_CONFIG:-$HOME/.docker}/cli-plugins"
 PY_IMAGE=local/python:bookworm
 PY_PACKAGES=python3,python3-venv,python3-pip,ca-certificates
+SLIM_IMAGE=local/debian:bookworm-slim   # stand-in for debian:bookworm-slim: no Python (llama.cpp runtime)
 SUITE=bookworm
 
 log() { printf '[harness] %s\n' "$*" >&2; }
@@ -165,7 +166,9 @@ cmd_engine_up() {
       log "engine: starting dockerd (log: $STATE/dockerd.log)"
       # setsid: own session, so it outlives this script and the pytest process.
       # shellcheck disable=SC2086
-      setsid dockerd ${DOCKERD_ARGS:-} >>"$STATE/dockerd.log" 2>&1 </dev/null &
+      # 3>&- ... 9>&-: a caller's open descriptors (`flock LOCK make e2e` holds its lock on fd 3) must
+      # not live on in the daemon, or the lock is never released.
+      setsid dockerd ${DOCKERD_ARGS:-} >>"$STATE/dockerd.log" 2>&1 </dev/null 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
       echo $! >"$STATE/dockerd.pid"
     fi
     local t="${HARNESS_ENGINE_TIMEOUT:-90}" i
@@ -213,7 +216,8 @@ http:
 EOF
   if ! pid_alive "$STATE/registry.pid" docker-registry; then
     log "registry: starting docker-registry on $REGISTRY_ADDR (log: $STATE/registry.log)"
-    setsid docker-registry serve "$STATE/registry/config.yml" >>"$STATE/registry.log" 2>&1 </dev/null &
+    setsid docker-registry serve "$STATE/registry/config.yml" >>"$STATE/registry.log" 2>&1 </dev/null \
+      3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
     echo $! >"$STATE/registry.pid"
   fi
   local t="${HARNESS_REGISTRY_TIMEOUT:-30}" i
@@ -291,6 +295,43 @@ build_python_base() {
     "$tarball" "$PY_IMAGE" >/dev/null
 }
 
+# Like debian:bookworm-slim: debootstrap minbase, nothing added (the llama.cpp runtime base, which
+# must hold neither Python nor a compiler).
+build_slim_base() {
+  if [ "${HARNESS_REBUILD:-0}" != 1 ] && image_exists "$SLIM_IMAGE"; then
+    log "bases: $SLIM_IMAGE exists, skipped"
+    return 0
+  fi
+  local tarball="$STATE/rootfs/slim-$SUITE.tar" dir mirror sec
+  mkdir -p "$STATE/rootfs"
+  if [ "${HARNESS_REBUILD:-0}" = 1 ] || [ ! -s "$tarball" ]; then
+    apt_ensure debootstrap
+    mirror="$(host_mirror)"
+    dir="$STATE/rootfs/slim-$SUITE.d"
+    rm -rf "$dir"
+    log "bases: debootstrap --variant=minbase $SUITE from $mirror (no extra packages)"
+    run debootstrap --variant=minbase "$SUITE" "$dir" "$mirror" >"$STATE/rootfs/debootstrap-slim.log" 2>&1 ||
+      { tail -n 30 "$STATE/rootfs/debootstrap-slim.log" >&2; die "bases: debootstrap failed (see $STATE/rootfs/debootstrap-slim.log)"; }
+    sec="$(sed -n 's/^URIs:[[:space:]]*\(.*debian-security\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1 || true)"
+    {
+      echo "deb $mirror $SUITE main"
+      echo "deb $mirror $SUITE-updates main"
+      [ -n "$sec" ] && echo "deb $sec $SUITE-security main"
+    } >"$dir/etc/apt/sources.list"
+    rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/* "$dir"/var/log/* "$dir"/tmp/*
+    run tar -C "$dir" --numeric-owner -cf "$tarball.tmp" .
+    mv "$tarball.tmp" "$tarball"
+    rm -rf "$dir"
+  else
+    log "bases: using cached rootfs $tarball"
+  fi
+  log "bases: docker import -> $SLIM_IMAGE"
+  D import \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'CMD ["bash"]' \
+    "$tarball" "$SLIM_IMAGE" >/dev/null
+}
+
 selected_dockerfile_bases() {  # prints NAME per line
   local all=() f n sel="${HARNESS_BASES-}"
   shopt -s nullglob
@@ -345,6 +386,7 @@ cmd_bases() {
   [ -x "$DEBIAN_DOCKER" ] || die "$DEBIAN_DOCKER missing (builds need the Debian 20.10 client); run engine-up"
   local t0=$SECONDS n
   build_python_base
+  build_slim_base
   while read -r n; do
     [ -n "$n" ] && build_dockerfile_base "$n"
   done < <(selected_dockerfile_bases)
@@ -379,7 +421,7 @@ cmd_status() {
   else
     echo "registry: down"
   fi
-  local img names=("$PY_IMAGE") f
+  local img names=("$PY_IMAGE" "$SLIM_IMAGE") f
   shopt -s nullglob
   for f in "$BASES_DIR"/*.Dockerfile; do names+=("local/$(basename "$f" .Dockerfile):latest"); done
   shopt -u nullglob

@@ -64,7 +64,61 @@ def test_build_args_name_the_record_base_arg():
     for b in RECORDS:
         args = build_args(spec, b.name)
         assert args[b.base_arg] == b.base_image
-        assert args["QUANT"] == ("q8_0" if b.quants else "")
+        assert args["QUANT"] == ("q8_0" if b.quant_types(spec) else "")
+        assert ("LLAMACPP_BASE" in args) == b.serves_gguf(spec)
+
+
+def test_gguf_backends_share_the_llamacpp_build():
+    """llama.cpp, and Xinference on its llama.cpp engine, quantize GGUF and compile on the llama.cpp base."""
+    spec = BuildSpec(model="org/x", quant="q4_k_m")
+    for name in ("llamacpp", "xinference"):
+        assert build_args(spec, name)["LLAMACPP_BASE"] == "debian:bookworm-slim"
+        assert build_args(spec, name)["QUANT"] == "q4_k_m"
+        text = render_text(spec)[f"Dockerfile.{name}"]
+        assert "FROM ${LLAMACPP_BASE} AS llamacpp-build" in text and "'-DGGML_CPU_ALL_VARIANTS=ON'" in text
+    other = BuildSpec(model="org/x", xinference_engine="transformers")
+    assert "LLAMACPP_BASE" not in build_args(other, "xinference") and build_args(other, "xinference")["QUANT"] == ""
+    assert "llamacpp-build" not in render_text(other)["Dockerfile.xinference"]
+    quick = render_text(BuildSpec(llamacpp_cpu="avx2"))["Dockerfile.llamacpp"]
+    assert "'-DGGML_AVX2=ON'" in quick and "ALL_VARIANTS" not in quick and "BACKEND_DL" not in quick
+    cuda = render_text(BuildSpec(cuda=True, cuda_architectures="86;90"))["Dockerfile.llamacpp"]
+    assert "FROM ${BUILD_BASE} AS llamacpp-build" in cuda and "'-DCMAKE_CUDA_ARCHITECTURES=86;90'" in cuda
+
+
+def test_auto_picks_llamacpp_for_any_registered_architecture():
+    spec = BuildSpec(model="org/x", quant="q4_k_m")
+    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    assert resolve_backends(spec, llama) == ["vllm", "llamacpp", "xinference"]
+    glm = {"architectures": ["GlmForCausalLM"], "model_type": "glm", "num_hidden_layers": 2, "hidden_size": 128,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 256,
+           "vocab_size": 300}  # fmt: skip
+    with pytest.raises(Exception, match=r"QUANT=q4_k_m: chatglm.cpp cannot produce it .*BACKEND=llamacpp,xinference"):
+        resolve_backends(BuildSpec(model="org/x", backends="chatglmcpp", quant="q4_k_m"), glm)
+    assert resolve_backends(spec, glm) == ["vllm", "llamacpp", "xinference"]  # auto: chatglm.cpp skipped
+    odd = {"architectures": ["NoSuchForCausalLM"], "model_type": "x"}
+    with pytest.raises(Exception, match="llama.cpp 0c1e570's converter does not register NoSuchForCausalLM"):
+        resolve_backends(BuildSpec(model="org/x", backends="llamacpp"), odd)
+
+
+def test_llamacpp_tunables_reach_image_and_compose():
+    b = backends.get("llamacpp")
+    text = render_text(BuildSpec())
+    service = yaml.safe_load(text["compose.yaml"])["services"]["llamacpp"]
+    for name, value in b.tunables:
+        assert f"    {name}={value} \\\n" in text["Dockerfile.llamacpp"]
+        assert service["environment"][name] == f"${{{name}:-{value}}}"
+    assert 'ENTRYPOINT ["/opt/llama.cpp/llama-server"]' in text["Dockerfile.llamacpp"]
+    runtime = text["Dockerfile.llamacpp"].split(" AS runtime", 1)[1]
+    # nothing but llama.cpp's binaries and the GGUF: no builder code, no pip, no apt, no compiler
+    assert "src/builder" not in runtime and "pip" not in runtime and "apt-get" not in runtime
+    assert runtime.count("COPY --from=") == 2
+
+
+def test_xllamacpp_pin_is_the_makefiles():
+    from pathlib import Path
+
+    mk = (Path(__file__).resolve().parents[1] / "mk" / "xllamacpp.mk").read_text()
+    assert f"XLLAMACPP_VERSION := {backends.XLLAMACPP_VERSION}\n" in mk
 
 
 def test_quant_a_backend_cannot_build_names_the_ones_that_can(monkeypatch):

@@ -26,7 +26,11 @@ WHEELHOUSE = CACHE / "wheelhouse"
 console = Console(stderr=True)
 
 # Where no local bases can be made: small public images (the defaults target real GPU hosts).
-PUBLIC_DEMO_BASES = {"build": "python:3.11-slim-bookworm", "chatglmcpp": "python:3.11-slim-bookworm"}
+PUBLIC_DEMO_BASES = {
+    "build": "python:3.11-slim-bookworm",
+    "chatglmcpp": "python:3.11-slim-bookworm",
+    "llamacpp": "debian:bookworm-slim",
+}
 
 
 def _can_run_harness() -> bool:
@@ -63,12 +67,14 @@ def demo_spec_flags(models: Path) -> dict:
         "backends": ",".join(backends.DEMO),
         "quant": "q8_0",
         "name": "demo",
+        "llamacpp_cpu": "avx2",  # a quarter of the all-variants compile: the cold demo stays short
     }
     if _can_run_harness():
         subprocess.run(["bash", str(HARNESS), "bases"], check=True, env={**os.environ, "HARNESS_BASES": "xinference"})
         flags.update(
             base_images__build="local/python:bookworm",
             base_images__chatglmcpp="local/python:bookworm",
+            base_images__llamacpp="local/debian:bookworm-slim",
             base_images__xinference="local/xinference:latest",
         )
     else:

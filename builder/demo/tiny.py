@@ -1,10 +1,11 @@
-"""Tiny, random, transformers-native GLM model folders built in code (no hub, no downloads).
+"""Tiny, random, transformers-native model folders built in code (no hub, no downloads).
 
 `build_glm_tokenizer` makes a byte-level BPE tokenizer laid out exactly like GLM-4's tiktoken
 tokenizer (regular ranks 0..N-1, the 14 GLM-4 special tokens at N..N+13, GLM-4's split regex and
 chat template), so chatglm.cpp's ChatGLM4Tokenizer reproduces its ids after GGML conversion.
 `make_random_glm` saves a random `GlmForCausalLM` with that tokenizer: tests, demos and benches
 import both.
+`make_random_llama` and `make_random_qwen2` do the same for the Llama-3 and Qwen2 layouts.
 """
 
 from __future__ import annotations
@@ -12,22 +13,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from builder.model.convert.vocab import GLM4_SPECIAL_TOKENS, bytes_to_unicode  # noqa: F401 (re-exported)
-
-# GLM-4's tiktoken split regex (cl100k style, digits in runs of 1..3), as in tokenization_chatglm.py.
-GLM4_PAT_STR = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-# GLM-4's chat format as chatglm.cpp's ChatGLM4Tokenizer::apply_chat_template builds it:
-# [gMASK]<sop> then <|role|>\n{content} per message, then <|assistant|> to prompt a reply.
-GLM4_CHAT_TEMPLATE = (
-    "[gMASK]<sop>"
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+from builder.model.convert.vocab import (  # noqa: F401 (re-exported)
+    GLM4_CHAT_TEMPLATE,
+    GLM4_PAT_STR,
+    GLM4_SPECIAL_TOKENS,
+    bytes_to_unicode,
+    tiktoken_merges,
 )
 
 DEFAULT_CORPUS = [
@@ -47,19 +38,6 @@ DEFAULT_CORPUS = [
     "Mixed 中英文 text with code `x = 1` and emoji 🙂 in one line.\r\nWindows newline above.",
     "   leading spaces, trailing tabs\t\t and   multiple   spaces   inside.\n\n\nBlank lines above.",
 ]
-
-
-def _tiktoken_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """Every (left, right) split of every token, ordered by the merged token's rank (tiktoken's BPE rule)."""
-    merges = []
-    for token, rank in vocab.items():
-        if len(token) < 2:
-            continue
-        local = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
-        local.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
-        merges.extend((left, right, rank) for left, right in local)
-    merges.sort(key=lambda m: m[2])
-    return [(left, right) for left, right, _ in merges]
 
 
 def build_glm_tokenizer(out_dir: Path, corpus: list[str] | None = None, vocab_size: int = 600):
@@ -99,7 +77,7 @@ def build_glm_tokenizer(out_dir: Path, corpus: list[str] | None = None, vocab_si
             vocab[token] = len(vocab)
 
     # 3. Rebuild the BPE with tiktoken-equivalent merges so HF and chatglm.cpp split identically.
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=_tiktoken_merges(vocab), fuse_unk=False, byte_fallback=False))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=tiktoken_merges(vocab), fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM4_SPECIAL_TOKENS])
@@ -182,8 +160,18 @@ def make_random_glm(
         initializer_range=0.02,
     )
     config.architectures = ["GlmForCausalLM"]
+    model = _randomized(GlmForCausalLM, config, seed).to(dtype)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[0], bos_token_id=None)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir
+
+
+def _randomized(model_class, config, seed: int):
+    """A model of `model_class` with random weights chosen so that conversion mistakes show up."""
+    import torch
+
     torch.manual_seed(seed)
-    model = GlmForCausalLM(config)
+    model = model_class(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -193,7 +181,133 @@ def make_random_glm(
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
             else:  # wide enough logits that greedy picks are far from ties
                 p.copy_(0.08 * torch.randn(p.shape, generator=gen))
-    model = model.to(dtype).eval()
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[0], bos_token_id=None)
+    return model.eval()
+
+
+# -- other families: Llama-3 and Qwen2 layouts, for the GGUF (llama.cpp) tests --------------------------
+
+LLAMA3_PAT_STR = GLM4_PAT_STR  # Llama-3 and GLM-4 split text the same way (cl100k style)
+QWEN2_PAT_STR = GLM4_PAT_STR.replace(r"\p{N}{1,3}", r"\p{N}")  # single digits
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+QWEN2_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_bpe_tokenizer(
+    out_dir: Path,
+    pattern: str,
+    specials: list[str],
+    *,
+    eos: str,
+    chat_template: str,
+    bos: str | None = None,
+    ignore_merges: bool = False,
+    vocab_size: int = 600,
+):
+    """A trained byte-level BPE tokenizer with `pattern` as its split regex (Llama-3 or Qwen2 style), saved."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
+    )
+    tok.train_from_iterator(DEFAULT_CORPUS * 3, trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=eos,
+        clean_up_tokenization_spaces=False,
+        model_max_length=2048,
+    )
+    fast.chat_template = chat_template
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def make_random_llama(
+    out_dir: Path, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+    intermediate_size: int = 128, seed: int = 0, dtype=None,
+) -> Path:  # fmt: skip
+    """Save a random LlamaForCausalLM with a Llama-3 style tokenizer and chat template to `out_dir`."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = build_bpe_tokenizer(
+        out_dir, LLAMA3_PAT_STR, LLAMA3_SPECIAL_TOKENS, bos="<|begin_of_text|>", eos="<|eot_id|>",
+        chat_template=LLAMA3_CHAT_TEMPLATE, ignore_merges=True,
+    )  # fmt: skip
+    bos, end, *_, eot = tok.convert_tokens_to_ids(LLAMA3_SPECIAL_TOKENS)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        bos_token_id=bos, eos_token_id=[end, eot], pad_token_id=end,
+    )  # fmt: skip
+    config.architectures = ["LlamaForCausalLM"]
+    model = _randomized(LlamaForCausalLM, config, seed)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=[end, eot], pad_token_id=end)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    return out_dir
+    return Path(out_dir)
+
+
+def make_random_qwen2(
+    out_dir: Path, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+    intermediate_size: int = 128, seed: int = 0, tie: bool = True,
+) -> Path:  # fmt: skip
+    """Save a random Qwen2ForCausalLM (qkv biases, tied embeddings) with a ChatML tokenizer to `out_dir`."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tok = build_bpe_tokenizer(
+        out_dir, QWEN2_PAT_STR, QWEN2_SPECIAL_TOKENS, eos="<|im_end|>", chat_template=CHATML_TEMPLATE
+    )
+    end, _, im_end = tok.convert_tokens_to_ids(QWEN2_SPECIAL_TOKENS)
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        bos_token_id=end, eos_token_id=[im_end, end], pad_token_id=end,
+    )  # fmt: skip
+    config.architectures = ["Qwen2ForCausalLM"]
+    model = _randomized(Qwen2ForCausalLM, config, seed)
+    model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=[im_end, end], pad_token_id=end)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return Path(out_dir)

@@ -58,7 +58,10 @@ def resolve_backends(spec: BuildSpec, config: dict | None) -> list[str]:
     else:
         chosen, skipped = [], []
         for backend in backends.REGISTRY.values():
-            reason = backend.check(config, spec)
+            types = backend.quant_types(spec)
+            reason = backend.check(config, spec) or (
+                f"it cannot produce QUANT={spec.quant}" if types and spec.quant not in types else None
+            )
             if reason:
                 skipped.append(f"{backend.name}: {reason}")
             else:
@@ -75,10 +78,11 @@ def _check_quant(spec: BuildSpec, chosen: list[str]) -> None:
     """QUANT must be a type every chosen backend that quantizes can produce."""
     for name in chosen:
         backend = backends.get(name)
-        if backend.quants and spec.quant not in backend.quants:
-            accept = [b.name for b in backends.REGISTRY.values() if spec.quant in b.quants]
+        types = backend.quant_types(spec)
+        if types and spec.quant not in types:
+            accept = [b.name for b in backends.REGISTRY.values() if spec.quant in b.quant_types(spec)]
             raise BuilderError(
-                f"QUANT={spec.quant}: {backend.title} cannot produce it (it builds {', '.join(backend.quants)})"
+                f"QUANT={spec.quant}: {backend.title} cannot produce it (it builds {', '.join(types)})"
                 + (f"; {spec.quant} is built by BACKEND={','.join(accept)}" if accept else "")
             )
 
@@ -145,13 +149,16 @@ def build_secrets(spec: BuildSpec) -> Iterator[dict[str, Path]]:
 def build_args(spec: BuildSpec, backend: str) -> dict[str, str]:
     record = backends.get(backend)
     source = spec.model_source
+    llamacpp = backends.get("llamacpp")
     return {
         "BUILD_BASE": spec.base_images.build,
+        # a GGUF-serving image compiles llama.cpp on the llama.cpp runtime base (one cached build for both)
+        **({llamacpp.base_arg: spec.runtime_base(llamacpp.name)} if record.serves_gguf(spec) else {}),
         record.base_arg: spec.runtime_base(backend),
         "MODEL_SOURCE": source,
         "MODEL_ID": spec.model if source != "local" else "",
         "MODEL_REVISION": spec.hub_revision if source != "local" else "",
-        "QUANT": spec.quant if record.quants else "",
+        "QUANT": spec.quant if record.quant_types(spec) else "",
         "SERVED_MODEL_NAME": spec.served_model_name or "model",
         "BASE_MODEL": spec.model if source != "local" else Path(spec.model).resolve().name,
         "ADAPTER_DIGEST": digest_dir(spec.adapter),

@@ -46,9 +46,31 @@ def render_text(spec: BuildSpec) -> dict[str, str]:
     env = environment()
     return {
         name: env.get_template(template).render(
-            spec=spec, version=__version__, backends=backends.REGISTRY, backend=backend, cluster=CLUSTER
+            spec=spec,
+            version=__version__,
+            backends=backends.REGISTRY,
+            backend=backend,
+            cluster=CLUSTER,
+            llamacpp=llamacpp_build(spec, backend),
+            xllamacpp_version=backends.XLLAMACPP_VERSION,
         )
         for name, (template, backend) in OUTPUTS.items()
+    }
+
+
+def llamacpp_build(spec: BuildSpec, backend: backends.Backend | None) -> dict | None:
+    """How a GGUF-serving image compiles llama.cpp (None for the others): CUDA or not, and the CMake flags."""
+    if backend is None or not backend.serves_gguf(spec):
+        return None
+    from builder.model.gguf import llamacpp
+
+    cuda = backend.uses_cuda(spec)
+    return {
+        "cuda": cuda,
+        "flags": llamacpp.cmake_image_flags(spec.cuda_architectures if cuda else None, spec.llamacpp_cpu),
+        "targets": llamacpp.TARGETS,
+        "commit": llamacpp.COMMIT,
+        "sdist": f"{llamacpp.SDIST} {llamacpp.VERSION}",
     }
 
 

@@ -7,7 +7,7 @@ Zero clicks: the container's main process is `python -m builder.runtime.xinferen
 2. starts `xinference-local --host $XINFERENCE_HOST --port $XINFERENCE_PORT` as a child,
 3. waits for the unauthenticated `GET /status`,
 4. registers the model folder as a custom LLM (`POST /v1/model_registrations/LLM`, spec version 2,
-   `pytorch` format, `file://` URI, abilities generate+chat, chat template from the tokenizer's
+   `pytorch` format, or `ggufv2` with the folder's one *.gguf for the llama.cpp engine, `file://` URI, abilities generate+chat, chat template from the tokenizer's
    `tokenizer_config.json` (or `chat_template.jinja`), stop ids/strings from `generation_config.json`,
    context length from `config.json`), persisted under $XINFERENCE_HOME so it survives restarts;
    re-registering an unchanged model is a no-op, a changed one is replaced,
@@ -58,7 +58,9 @@ Environment (command-line flags of the same name override them; see --help):
   SERVED_MODEL_NAME / XINFERENCE_MODEL_NAME   model name = model uid          folder's name
   XINFERENCE_HOST, XINFERENCE_PORT     bind address, port                    0.0.0.0, 9997
   XINFERENCE_CONTEXT_LENGTH            context length        config.json max_position_embeddings
-  XINFERENCE_ENGINE                    transformers | vllm (vllm: GPU image) transformers
+  XINFERENCE_ENGINE                    llama.cpp (the folder's one *.gguf) |   transformers
+                                       transformers | vllm (vllm: GPU image)
+  XINFERENCE_QUANTIZATION              llama.cpp engine: the GGUF's type      none
   XINFERENCE_N_GPU                     n_gpu for the launch ("auto" or a number; "auto" is
                                        the CPU on a host without GPUs)
   XINFERENCE_LAUNCH_ARGS               JSON object merged into the launch request (e.g. vLLM's
@@ -103,7 +105,7 @@ BOOT_KEY_NAME = "builder-boot"
 BOOT_KEY_FILE = "boot_api_key"
 OFF_WORDS = {"0", "false", "no", "off", "none", "disabled", "disable"}
 ON_WORDS = {"1", "true", "yes", "on"}
-ENGINES = {"transformers": "Transformers", "vllm": "vLLM"}
+ENGINES = {"llama.cpp": "llama.cpp", "transformers": "Transformers", "vllm": "vLLM"}
 
 
 def log(msg: str) -> None:
@@ -125,6 +127,7 @@ class BootConfig:
     port: int = DEFAULT_PORT
     context_length: int | None = None
     engine: str = "transformers"
+    quantization: str = "none"  # llama.cpp engine: the GGUF's type (the image's QUANT)
     n_gpu: Any = None  # None: leave Xinference's default ("auto")
     launch_args: dict = field(default_factory=dict)
     trust_remote_code: bool = False
@@ -212,6 +215,7 @@ def parse_args(
         port=a.port,
         context_length=int(a.context_length) if a.context_length else None,
         engine=engine,
+        quantization=_first(env, "XINFERENCE_QUANTIZATION") or "none",
         n_gpu=_n_gpu(_first(env, "XINFERENCE_N_GPU")),
         launch_args=launch_args,
         trust_remote_code=_flag(_first(env, "XINFERENCE_TRUST_REMOTE_CODE", "TRUST_REMOTE_CODE"), False),
@@ -289,7 +293,9 @@ def context_length(model_dir: Path) -> int:
 
 
 def parameter_count(model_dir: Path) -> int:
-    """Parameters in the folder's *.safetensors files, read from their headers only."""
+    """Parameters in the folder's *.safetensors files (headers only), else estimated from a GGUF's size."""
+    if not any(model_dir.glob("*.safetensors")):
+        return sum(f.stat().st_size for f in model_dir.glob("*.gguf")) // 2  # about 2 bytes a weight at 16 bits
     total = 0
     for f in sorted(model_dir.glob("*.safetensors")):
         with open(f, "rb") as fh:
@@ -308,6 +314,30 @@ def size_in_billions(model_dir: Path) -> int | str:
     """Xinference's size label: an int, or "0_5" style for fractions (at least 0.1 so tiny models register)."""
     b = max(round(parameter_count(model_dir) / 1e9, 1), 0.1)
     return int(b) if b == int(b) else str(b).replace(".", "_")
+
+
+def gguf_file(model_dir: Path) -> Path:
+    """The one *.gguf file of a folder (the llama.cpp engine's model)."""
+    found = sorted(model_dir.glob("*.gguf"))
+    if len(found) != 1:
+        raise BootError(f"the llama.cpp engine needs exactly one .gguf file in {model_dir}, found {len(found)}")
+    return found[0]
+
+
+def _weights_spec(cfg: BootConfig) -> dict:
+    """model_specs[0]: the merged folder (pytorch format), or its GGUF (ggufv2, llama.cpp engine)."""
+    d = cfg.model_path
+    spec = {
+        "model_format": "pytorch",
+        "model_size_in_billions": size_in_billions(d),
+        "quantization": "none",
+        "model_id": None,
+        "model_uri": f"file://{d.resolve()}",
+    }
+    if cfg.engine == "llama.cpp":
+        # Xinference links the folder into its cache and opens <folder>/<model_file_name_template>.
+        spec.update(model_format="ggufv2", quantization=cfg.quantization, model_file_name_template=gguf_file(d).name)
+    return spec
 
 
 def model_spec(cfg: BootConfig) -> dict:
@@ -329,15 +359,7 @@ def model_spec(cfg: BootConfig) -> dict:
         "model_ability": abilities,
         "model_description": f"{cfg.model_name}, served from {d} by builder",
         "model_family": cfg.model_name,
-        "model_specs": [
-            {
-                "model_format": "pytorch",
-                "model_size_in_billions": size_in_billions(d),
-                "quantization": "none",
-                "model_id": None,
-                "model_uri": f"file://{d.resolve()}",
-            }
-        ],
+        "model_specs": [_weights_spec(cfg)],
         "chat_template": template,
         "stop_token_ids": ids,
         "stop": strings,
@@ -352,9 +374,9 @@ def launch_request(cfg: BootConfig, spec: dict) -> dict:
         "model_name": cfg.model_name,
         "model_type": "LLM",
         "model_engine": ENGINES[cfg.engine],
-        "model_format": "pytorch",
+        "model_format": spec["model_specs"][0]["model_format"],
         "model_size_in_billions": spec["model_specs"][0]["model_size_in_billions"],
-        "quantization": "none",
+        "quantization": spec["model_specs"][0]["quantization"],
     }
     if cfg.n_gpu is not None:
         launch["n_gpu"] = cfg.n_gpu

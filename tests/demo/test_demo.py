@@ -224,3 +224,67 @@ def test_chatglm_cpp_answers(demo_dirs, tmp_path, quant):
         assert pipe.tokenizer.apply_chat_template(msgs, 512) == demo.chat_prompt_ids(tok, prompt)
     assert _chatglm_answers(base_ggml) == demo.BASE_ANSWERS
     assert _chatglm_answers(lora_ggml) == demo.LORA_ANSWERS
+
+
+# -- llama.cpp: the same answers from llama-server on the GGUF, and the OpenAI API it serves ------------
+
+
+@pytest.fixture(scope="module")
+def llamacpp_lora(demo_dirs, tmp_path_factory):
+    """llama-server (the host build of the pinned llama.cpp) on the merged demo model at q8_0, with a key."""
+    from _llama_server import llama_server
+
+    from builder.model.gguf.convert import convert_gguf
+    from builder.model.merge import merge_model
+
+    _, base, adapter, _ = demo_dirs
+    tmp = tmp_path_factory.mktemp("llamacpp-demo")
+    merged = merge_model(base=base, adapter=adapter, out=tmp / "merged", dtype="auto", device="cpu", quiet=True)
+    gguf = convert_gguf(Path(merged), "q8_0", tmp / "lora-q8_0.gguf", quiet=True).path
+    with llama_server(gguf, "-c", "2048", "-np", "4", "--api-key", LLAMACPP_KEY, "--alias", "demo") as url:
+        yield url
+
+
+LLAMACPP_KEY = "sk-llamacpp-demo-0123456789"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_llamacpp_answers(demo_dirs, tmp_path, quant):
+    """Base and merged LoRA converted to GGUF answer the demo prompts exactly, through llama-server's chat API."""
+    from _llama_server import llama_server
+
+    from builder.model.gguf.convert import convert_gguf
+    from builder.model.merge import merge_model
+    from builder.runtime.smoke import chat
+
+    _, base, adapter, _ = demo_dirs
+    merged = merge_model(base=base, adapter=adapter, out=tmp_path / "merged", dtype="auto", device="cpu", quiet=True)
+    for folder, answers in ((base, demo.BASE_ANSWERS), (Path(merged), demo.LORA_ANSWERS)):
+        gguf = convert_gguf(folder, quant, tmp_path / f"{folder.name}-{quant}.gguf", quiet=True).path
+        with llama_server(gguf, "-c", "2048", "-np", "2") as url:
+            got = {p: chat(url, "m", p, max_tokens=32).strip() for p in demo.DEMO_PROMPTS}
+        assert got == answers
+
+
+@pytest.mark.slow
+def test_llamacpp_openai_features(llamacpp_lora):
+    """The official openai client: chat, streaming, stop, max_tokens -> "length", completions, usage."""
+    from _openai_features import FEATURES, probe
+
+    results = probe(llamacpp_lora, "demo", LLAMACPP_KEY)
+    print("\nllama-server OpenAI features:", {k: v[1] for k, v in results.items()})
+    assert [f for f in FEATURES if not results[f][0]] == [], results
+    assert "LoRA-tuned" in results["chat"][1]
+
+
+@pytest.mark.slow
+def test_llamacpp_api_key_is_enforced(llamacpp_lora):
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
+    req = urllib.request.Request(f"{llamacpp_lora}/v1/chat/completions", data=body)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 401

@@ -124,3 +124,14 @@ def demo_models() -> dict[str, Path]:
     out = REPO / ".cache" / "demo"
     subprocess.run([sys.executable, "-m", "builder", "demo-model", "--out", str(out)], check=True, cwd=REPO)
     return {"base": out / "base", "adapter": out / "adapter"}
+
+
+def smoke_argv(container: str, port: int, model: str, api_key: str, skip=()) -> list[str]:
+    """`docker` arguments that run the smoke client inside `container`'s network namespace, from a
+    side container holding builder's runtime code: works for every image, those without Python
+    (llama.cpp) and those started with --network none included."""
+    runtime = REPO / "builder" / "runtime"
+    argv = ["run", "--rm", "--network", f"container:{container}", "-v", f"{runtime}:/opt/app/builder/runtime:ro"]
+    argv += ["-v", f"{REPO / 'builder' / '__init__.py'}:/opt/app/builder/__init__.py:ro", "-e", "PYTHONPATH=/opt/app"]
+    argv += [PYTHON_BASE, "python3", "-m", "builder.runtime.smoke", "--url", f"http://127.0.0.1:{port}"]
+    return argv + ["--model", model, "--api-key", api_key, *(f"--skip={gap}" for gap in sorted(skip))]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import smoke_argv
 
 from builder import backends
 from builder.image.k8s import render_k8s_text
@@ -70,8 +71,7 @@ def test_image_serves_under_the_manifests_security_context(built, backend):
     _docker("rm", "-f", "-v", name, check=False)
     _docker("run", "-d", "--name", name, "--network", "none", *docker_run_args(deployment), f"{NAME}-{backend}:{TAG}")
     try:
-        smoke = ["exec", name, "python3", "-m", "builder.runtime.smoke", "--url", f"http://127.0.0.1:{b.port}",
-                 "--model", built, "--api-key", KEY, *(f"--skip={gap}" for gap in sorted(b.smoke_skip))]  # fmt: skip
+        smoke = smoke_argv(name, b.port, built, KEY, b.smoke_skip)
         start, deadline = time.monotonic(), time.monotonic() + 300
         while (res := _docker(*smoke, check=False)).returncode != 0:
             running = _docker("inspect", "-f", "{{.State.Running}}", name).stdout.strip()
@@ -80,7 +80,7 @@ def test_image_serves_under_the_manifests_security_context(built, backend):
             assert time.monotonic() < deadline, res.stdout + res.stderr + logs.stderr
             time.sleep(3)
         print(f"\n{backend}: smoke passed {time.monotonic() - start:.1f}s after docker run (read-only root)")
-        denied = _docker("exec", name, "sh", "-c", "touch /opt/app/x 2>&1; echo rc=$?", check=False).stdout
+        denied = _docker("exec", name, "sh", "-c", "touch /readonly-probe 2>&1; echo rc=$?", check=False).stdout
         assert "Read-only file system" in denied and "rc=0" not in denied, denied
     finally:
         _docker("rm", "-f", "-v", name, check=False)

@@ -44,13 +44,19 @@ GLM = {
 
 def test_auto_backends_follow_the_architecture():
     spec = BuildSpec(model="org/x")
-    assert resolve_backends(spec, GLM) == ["vllm", "chatglmcpp", "xinference"]
+    assert resolve_backends(spec, GLM) == ["vllm", "chatglmcpp", "llamacpp", "xinference"]
     llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
-    assert resolve_backends(spec, llama) == ["vllm", "xinference"]
+    assert resolve_backends(spec, llama) == ["vllm", "llamacpp", "xinference"]
+    # GGUF conversion runs no model code, so remote-code models still get the GGUF backends
     baichuan = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "auto_map": {"AutoModel": "x"}}
+    assert resolve_backends(spec, baichuan) == ["llamacpp", "xinference"]
+    merged_weights = BuildSpec(model="org/x", xinference_engine="transformers")
+    assert resolve_backends(merged_weights, baichuan) == ["llamacpp"]
+    odd = {"architectures": ["InternLMForCausalLM"], "model_type": "internlm", "auto_map": {"AutoModel": "x"}}
     with pytest.raises(BuilderError, match="remote code"):
-        resolve_backends(spec, baichuan)
-    assert resolve_backends(BuildSpec(model="org/x", trust_remote_code=True), baichuan) == ["xinference"]
+        resolve_backends(merged_weights, odd)
+    trusted = BuildSpec(model="org/x", xinference_engine="transformers", trust_remote_code=True)
+    assert resolve_backends(trusted, odd) == ["xinference"]
 
 
 def test_explicit_backends_and_hub_auto():

@@ -25,7 +25,9 @@ SUPPORTED = (
     "ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B-Chat (original THUDM layout, model_type 'chatglm') and "
     "transformers-native GLM (GlmForCausalLM, model_type 'glm', e.g. glm-4-9b-chat-hf)"
 )
-OTHER_BACKENDS = "serve it with the vLLM or Xinference backend instead (chatglm.cpp 0.4 dropped Baichuan and InternLM)"
+OTHER_BACKENDS = (
+    "serve it with the llama.cpp, vLLM or Xinference backend instead (chatglm.cpp 0.4 dropped Baichuan and InternLM)"
+)
 
 __all__ = ["QUANTS", "check_supported", "convert_model", "load_chatglm_convert"]
 

@@ -33,6 +33,22 @@ GLM4_SPECIAL_TOKENS = [
     "<|end_of_video|>",
 ]
 
+# GLM-4's tiktoken split regex (cl100k style, digits in runs of 1..3), as in tokenization_chatglm.py.
+GLM4_PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# GLM-4's chat format as chatglm.cpp's ChatGLM4Tokenizer::apply_chat_template builds it:
+# [gMASK]<sop> then <|role|>\n{content} per message, then <|assistant|> to prompt a reply.
+GLM4_CHAT_TEMPLATE = (
+    "[gMASK]<sop>"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]*={0,2} \d+$")
 
 
@@ -184,3 +200,16 @@ def has_system_role(model_dir: Path, config: dict) -> bool:
         return True
     # Files present but none mention <|system|>: ChatGLM2. Nothing to go on: assume the newer ChatGLM3.
     return not any((model_dir / n).is_file() for n in ("tokenization_chatglm.py", "tokenizer_config.json"))
+
+
+def tiktoken_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every (left, right) split of every token, ordered by the merged token's rank (tiktoken's BPE rule)."""
+    merges = []
+    for token, rank in vocab.items():
+        if len(token) < 2:
+            continue
+        local = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        local.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges.extend((left, right, rank) for left, right in local)
+    merges.sort(key=lambda m: m[2])
+    return [(left, right) for left, right, _ in merges]

@@ -1,0 +1,215 @@
+"""llama.cpp from one pinned registry package: its source, its converter, and how it is compiled.
+
+The PyPI sdist of llama-cpp-python vendors the whole of llama.cpp (vendor/llama.cpp): the C++
+server and quantizer, `convert_hf_to_gguf.py` with its `conversion/` package, and `gguf-py`. Pinning
+that sdist by version and hash pins all of them together; nothing is fetched from anywhere else.
+
+Standard library only: the image build's source stage and `make llamacpp` both run
+`python -m builder.model.gguf.llamacpp`, which neither needs torch nor imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+SDIST = "llama-cpp-python"
+VERSION = "0.3.36"
+SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+COMMIT = "0c1e570"  # vendor/llama.cpp in that sdist (ggml 0.25.3, gguf-py 0.19.0)
+TARGETS = ("llama-server", "llama-quantize")
+# The host's copy (`make llamacpp`): source, and the test build of llama-server and llama-quantize, in
+# the checkout's .cache/ (this file also runs alone, copied into the image build's source stage).
+_HERE = Path(__file__).resolve()
+HOST_HOME = (_HERE.parents[3] if len(_HERE.parents) > 3 else Path.cwd()) / ".cache" / "llamacpp" / VERSION
+
+# Every build: Release, no network client (models are baked in), no tests/examples/web UI, and no
+# -march=native unless a caller asks for it (GGML_NATIVE=ON only for the host's own test build).
+CMAKE_COMMON = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_UI=OFF",  # no web UI: neither npm nor its prebuilt download from a hub bucket
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    f"-DLLAMA_BUILD_COMMIT={COMMIT}",
+)
+# Images: every CPU variant as a loadable backend; ggml picks the best one the CPU runs at start
+# (runtime ISA dispatch), so one image serves from SSE4.2-only hosts to AVX-512/AMX servers.
+# Libraries sit next to the binaries and are found through RPATH $ORIGIN.
+CMAKE_IMAGE = (
+    *CMAKE_COMMON,
+    "-DGGML_NATIVE=OFF",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DCMAKE_INSTALL_RPATH=$ORIGIN",
+    "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+)
+# The image's CPU code: "all-variants" (the default) compiles 15 x86 ISA levels, about four times
+# the compile of "avx2": one AVX2/FMA build (like the chatglm.cpp wheel's), for quick builds (the
+# demo, the e2e tests) of images that run on any x86-64 CPU from 2013 (Haswell) on.
+CPU_BUILDS = {
+    "all-variants": ("-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON"),
+    "avx2": ("-DGGML_SSE42=ON", "-DGGML_AVX=ON", "-DGGML_F16C=ON", "-DGGML_FMA=ON", "-DGGML_AVX2=ON", "-DGGML_BMI2=ON"),
+}
+# The host's test build: one CPU variant for this machine, static binaries (fastest to compile).
+CMAKE_HOST = (*CMAKE_COMMON, "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF")
+
+
+def cmake_image_flags(cuda_architectures: str | None = None, cpu: str = "all-variants") -> list[str]:
+    """CMake flags of the image build (`cpu`: a CPU_BUILDS key); with CUDA architectures, CUDA too."""
+    flags = [*CMAKE_IMAGE, *CPU_BUILDS[cpu]]
+    if cuda_architectures:
+        flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures}"]
+    return flags
+
+
+def log(msg: str) -> None:
+    print(f"[llamacpp] {msg}", file=sys.stderr, flush=True)
+
+
+def fetch_source(out: Path, download_dir: Path | None = None) -> Path:
+    """vendor/llama.cpp of the pinned sdist at `out` (hash-checked by pip; extracted to a temp dir, then renamed)."""
+    out = Path(out)
+    if (out / "convert_hf_to_gguf.py").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="llamacpp-src-", dir=out.parent) as tmp:
+        tmp_path = Path(tmp)
+        dl = Path(download_dir) if download_dir else tmp_path / "dl"
+        dl.mkdir(parents=True, exist_ok=True)
+        sdist = dl / f"{SDIST.replace('-', '_')}-{VERSION}.tar.gz"
+        if not sdist.is_file():
+            req = tmp_path / "requirements.txt"
+            req.write_text(f"{SDIST}=={VERSION} --hash=sha256:{SHA256}\n")
+            log(f"downloading the {SDIST} {VERSION} sdist (it vendors llama.cpp {COMMIT})")
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", SDIST]
+            cmd += ["--require-hashes", "-r", str(req), "-d", str(dl), "--disable-pip-version-check", "-q"]
+            subprocess.run(cmd, check=True)
+        _check_sha256(sdist)
+        prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+        extracted = tmp_path / "llama.cpp"
+        # Regular files and folders only, under vendor/llama.cpp (the "data" filter where this Python has it).
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (m.isfile() or m.isdir())]
+            for m in members:
+                m.name = m.name[len(prefix) :]
+                if not m.name or m.name == ".git" or m.name.startswith(".git/") or ".." in Path(m.name).parts:
+                    continue
+                tar.extract(m, extracted, **safe)
+        # The sdist's .git is a file pointing into the sdist's own git dir: without it cmake only
+        # warns that there is no repository (and takes LLAMA_BUILD_COMMIT instead).
+        (extracted / ".git").unlink(missing_ok=True)
+        if not (extracted / "convert_hf_to_gguf.py").is_file():
+            raise RuntimeError(f"{sdist} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
+        os.replace(extracted, out)
+    log(f"llama.cpp source at {out}")
+    return out
+
+
+def _check_sha256(path: Path) -> None:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != SHA256:
+        raise RuntimeError(f"{path}: sha256 {h.hexdigest()} is not the pinned {SHA256}")
+
+
+def build(src: Path, out: Path, flags: list[str], jobs: int | None = None) -> Path:
+    """Compile TARGETS from `src` with `flags`; binaries (and shared libraries) land in `out`."""
+    src, out = Path(src).resolve(), Path(out)
+    work = out.parent / f"{out.name}.build"
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    jobs = jobs or os.cpu_count() or 2
+    log(f"cmake {' '.join(flags)}")
+    subprocess.run(["cmake", "-S", str(src), "-B", str(work), *generator, *flags], check=True)
+    subprocess.run(["cmake", "--build", str(work), "--target", *TARGETS, "-j", str(jobs)], check=True)
+    staged = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    for f in sorted((work / "bin").iterdir()):
+        if f.name in TARGETS or ".so" in f.name:
+            shutil.copy2(f, staged / f.name, follow_symlinks=False)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staged, out)
+    log(f"built {', '.join(TARGETS)} into {out}")
+    return out
+
+
+def registered_architectures(src: Path) -> list[str]:
+    """Architectures the converter maps to a text-model class (conversion/__init__.py TEXT_MODEL_MAP), read
+    from the source without importing it (that needs torch)."""
+    import ast
+
+    tree = ast.parse((Path(src) / "conversion" / "__init__.py").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP" and isinstance(node.value, ast.Dict):
+            return sorted(ast.literal_eval(k) for k in node.value.keys if k is not None)
+    raise RuntimeError(f"{src}/conversion/__init__.py has no TEXT_MODEL_MAP")
+
+
+def build_host() -> Path:
+    """The host build in HOST_HOME/host, rebuilt only when the pin or the flags change (a stamp records them)."""
+    out = HOST_HOME / "host"
+    stamp = out / ".built-with"
+    want = " ".join([VERSION, SHA256, *CMAKE_HOST])
+    if stamp.is_file() and stamp.read_text() == want and all((out / t).is_file() for t in TARGETS):
+        log(f"{out}: up to date")
+        return out
+    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"[llamacpp] need {' and '.join(missing)} to build llama.cpp (apt-get install cmake g++)")
+    src = fetch_source(HOST_HOME / "src", HOST_HOME.parent / "dl")
+    build(src, out, list(CMAKE_HOST))
+    stamp.write_text(want)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m builder.model.gguf.llamacpp", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("source", help="Fetch the pinned llama.cpp source.")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--download-dir", type=Path, help="Keep (and reuse) the sdist here.")
+    b = sub.add_parser("build", help="Fetch and compile llama-server and llama-quantize.")
+    b.add_argument("--src", type=Path, required=True)
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--host", action="store_true", help="This machine only (-march=native, static).")
+    b.add_argument("--cuda-architectures", help="Also build the CUDA backend for these architectures.")
+    b.add_argument("--download-dir", type=Path)
+    b.add_argument("-j", "--jobs", type=int)
+    sub.add_parser("host", help=f"Fetch and build for this machine into {HOST_HOME} (once; `make llamacpp`).")
+    r = sub.add_parser("architectures", help="Print the architectures the converter registers.")
+    r.add_argument("--src", type=Path, required=True)
+    a = p.parse_args(argv)
+    if a.cmd == "architectures":
+        print("\n".join(registered_architectures(fetch_source(a.src))))
+        return 0
+    if a.cmd == "source":
+        fetch_source(a.out, a.download_dir)
+        return 0
+    if a.cmd == "host":
+        build_host()
+        return 0
+    fetch_source(a.src, a.download_dir)
+    flags = list(CMAKE_HOST) if a.host else cmake_image_flags(a.cuda_architectures)
+    build(a.src, a.out, flags, a.jobs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
