@@ -184,7 +184,11 @@ def workload(spec: BuildSpec, b: backends.Backend, pushed: dict[str, str]) -> Wo
         image=image_ref(spec, b.name, pushed),
         labels=all_labels,
         selector=selector,
-        env=[api_key_env(spec, b), *({"name": n, "value": ""} for n in b.passthrough_env)],
+        env=[
+            api_key_env(spec, b),
+            *({"name": n, "value": ""} for n in b.passthrough_env),
+            *({"name": n, "value": v} for n, v in b.tunables),  # the image's defaults, there to patch
+        ],
         probes=probes(b),
         resources=resources(spec, b),
         volumes=volumes(spec, b),

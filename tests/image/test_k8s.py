@@ -180,7 +180,9 @@ def test_backend_manifests_follow_the_registry(default_render, name):
         "name": b.api_key_var,
         "valueFrom": {"secretKeyRef": {"name": "llm-api-key", "key": "api-key"}},
     }
-    assert set(env) == {b.api_key_var, *b.passthrough_env}
+    assert set(env) == {b.api_key_var, *b.passthrough_env, *(var for var, _ in b.tunables)}
+    for var, default in b.tunables:
+        assert env[var] == {"name": var, "value": default}
     assert set(compose["environment"]) == set(env)
 
     limits = c["resources"]["limits"]

@@ -377,30 +377,47 @@ def test_a_dead_engine_is_restarted(bigger):
     assert "chatglmcpp_engine_restarts_total 1.0" in bigger.client.get("/metrics").text
 
 
-def _abandon(server: ServerProcess, body: dict, after: float) -> None:
-    """A client that sends a non-streaming request and hangs up `after` seconds later."""
+def _abandon(server: ServerProcess, body: dict, hang_up: threading.Event) -> None:
+    """A client that sends a non-streaming request and hangs up when `hang_up` is set."""
     payload = json.dumps(body).encode()
     head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(head.encode() + payload)
-        time.sleep(after)
+        hang_up.wait(60)
+
+
+def _gauge(server: ServerProcess, name: str) -> float:
+    line = next(x for x in server.client.get("/metrics").text.splitlines() if x.startswith(name + " "))
+    return float(line.split()[1])
 
 
 def test_abandoned_requests_are_cancelled(bigger):
-    """8 clients send 512-token requests and hang up after 0.5 s; the next request must not wait
-    for their generations: it answers within 2 s plus its own generation time."""
+    """8 clients send 512-token requests and hang up: one was generating, seven were waiting. The
+    next request must not wait for their generations: it answers within 2 s plus its own time."""
     # Greedy from "Hi", this random model talks for 232 tokens before its end token.
-    body = {"model": NAME, "prompt": "Hi", "max_tokens": 512, "temperature": 0}
+    body = {"model": NAME, "prompt": "Hi", "max_tokens": 512, "temperature": 0}  # 232 tokens if left alone
     own = {"model": NAME, "prompt": "Hello", "max_tokens": 8, "temperature": 0}
     t0 = time.monotonic()
     assert bigger.client.post("/v1/completions", json=own).status_code == 200
     alone = time.monotonic() - t0
 
-    threads = [threading.Thread(target=_abandon, args=(bigger, body, 0.5)) for _ in range(8)]
-    for t in threads:
+    hang_up = threading.Event()
+    threads = [threading.Thread(target=_abandon, args=(bigger, body, hang_up)) for _ in range(8)]
+    threads[0].start()
+    _wait_running(bigger)  # the first one generates (its next tokens serve the others' tokenization)
+    for t in threads[1:]:
         t.start()
-    for t in threads:
-        t.join()
+    deadline = time.monotonic() + 60
+    while (h := bigger.client.get("/health").json())["waiting"] < 7 and h["running"]:
+        assert time.monotonic() < deadline, h
+        time.sleep(0.005)
+    with frozen(bigger.engine_pid):  # hold that state while all eight clients go away
+        h = bigger.client.get("/health").json()
+        assert (h["running"], h["waiting"]) == (1, 7), f"the first request ended before the others queued: {h}"
+        hang_up.set()
+        for t in threads:
+            t.join()
+        time.sleep(0.5)
     t0 = time.monotonic()
     r = bigger.client.post("/v1/completions", json=own)
     waited = time.monotonic() - t0
@@ -411,7 +428,8 @@ def test_abandoned_requests_are_cancelled(bigger):
     assert waited < 2 + alone, (waited, alone)
     metrics = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                for line in bigger.client.get("/metrics").text.splitlines() if not line.startswith("#")}  # fmt: skip
-    # Each one ended as 499 (client closed request): cancelled in the queue or in the engine, or
-    # while it was still being tokenized on a slow machine.
-    assert metrics['chatglmcpp_requests_total{path="/v1/completions",status="499"}'] == 8, metrics
-    assert metrics["chatglmcpp_generation_tokens_total"] < 232, metrics  # not one abandoned request ran out
+    completions = {k: v for k, v in metrics.items() if "/v1/completions" in k or "cancelled" in k}
+    assert metrics['chatglmcpp_requests_total{path="/v1/completions",status="499"}'] == 8, completions
+    assert metrics['chatglmcpp_requests_cancelled_total{state="queued"}'] == 7, completions
+    assert metrics['chatglmcpp_requests_cancelled_total{state="running"}'] == 1, completions
+    assert metrics["chatglmcpp_generation_tokens_total"] < 232, metrics  # the running one was cut short
