@@ -111,7 +111,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     async def prepare() -> list[GenRequest]:
         ids = await _tokenize(server, "chat", messages, param="messages")
         _check_length(server, ids, req.max_tokens, "messages")
-        return [GenRequest(ids, req.sampling(default_max_tokens=None), strip_leading=True)]
+        return [GenRequest(ids, req.sampling(default_max_tokens=None), strip_leading=True, stream=bool(req.stream))]
 
     return await respond(request, server, ChatShape(f"chatcmpl-{uuid.uuid4().hex}", server.name), prepare, req)
 
@@ -131,7 +131,7 @@ async def completions(req: CompletionRequest, request: Request):
         tokenized = await _tokenize(server, "prompts", prompts, echo=req.echo, param="prompt")
         for ids, _ in tokenized:
             _check_length(server, ids, params.max_new_tokens, "prompt")
-        return [GenRequest(ids, params, prefix=text) for ids, text in tokenized]
+        return [GenRequest(ids, params, prefix=text, stream=bool(req.stream)) for ids, text in tokenized]
 
     return await respond(request, server, CompletionShape(f"cmpl-{uuid.uuid4().hex}", server.name), prepare, req)
 
