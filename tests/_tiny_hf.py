@@ -13,6 +13,23 @@ TOKENIZER_FILES = {
 }
 
 
+# Prompts for token-for-token equivalence checks: scripts, emoji, code, digits, JSON.
+PROMPTS = [
+    "Hello world",
+    "The quick brown fox",
+    "你好，世界！",
+    "机器学习模型需要数据",
+    "def fibonacci(n):\n    return n",
+    "for (int i = 0; i < 10; ++i) {",
+    "emoji 😀🚀✨ time",
+    "Mixed 中英文 text with `code` 🙂",
+    "In 2024 there were 1234567 requests",
+    '{"name": "glm", "ok": true}',
+    "Please summarize the following paragraph.",
+    "café naïve résumé",
+]
+
+
 def tiny_config(arch: str = "llama", *, vocab: int = 256, hidden: int = 64, layers: int = 2, tie: bool = False):
     if arch == "llama":
         from transformers import LlamaConfig

@@ -205,13 +205,17 @@ def _check_completion(url, model, api_key, timeout, max_tokens) -> str:
     return f"text {_short(text)}, {_check_usage(obj, '/v1/completions', max_tokens)}"
 
 
-def _check_chat(url, model, api_key, timeout, max_tokens) -> str:
-    body = {
+def _chat_body(model: str, max_tokens: int) -> dict:
+    return {
         "model": model,
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": max_tokens,
         "temperature": 0,
     }
+
+
+def _check_chat(url, model, api_key, timeout, max_tokens) -> str:
+    body = _chat_body(model, max_tokens)
     obj = request_json(url, "/v1/chat/completions", body, api_key=api_key, timeout=timeout)
     message = _first_choice(obj, "/v1/chat/completions").get("message")
     if (
@@ -224,12 +228,7 @@ def _check_chat(url, model, api_key, timeout, max_tokens) -> str:
 
 
 def _check_chat_stream(url, model, api_key, timeout, max_tokens) -> str:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    }
+    body = _chat_body(model, max_tokens)
     payloads = list(stream_events(url, "/v1/chat/completions", body, api_key=api_key, timeout=timeout))
     if not payloads or payloads[-1] != "[DONE]":
         raise SmokeError(f"stream does not end with 'data: [DONE]' (last: {payloads[-1:]!r:.100})")

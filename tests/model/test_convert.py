@@ -22,6 +22,7 @@ from _chatglm_original import (  # noqa: E402
     _random_glm,
     make_glm4_original,
 )
+from _tiny_hf import PROMPTS  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GlmConfig, GlmForCausalLM  # noqa: E402
 
@@ -32,20 +33,6 @@ from builder.model.convert.inspect import read_ggml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
-PROMPTS = [
-    "Hello world",
-    "The quick brown fox",
-    "你好，世界！",
-    "机器学习模型需要数据",
-    "def fibonacci(n):\n    return n",
-    "for (int i = 0; i < 10; ++i) {",
-    "emoji 😀🚀✨ time",
-    "Mixed 中英文 text with `code` 🙂",
-    "In 2024 there were 1234567 requests",
-    '{"name": "glm", "ok": true}',
-    "Please summarize the following paragraph.",
-    "café naïve résumé",
-]
 TEXTS = PROMPTS + [
     "a  b   c\td",
     "tabs\t\tand\nnewlines\r\n\n done",
