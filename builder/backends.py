@@ -69,6 +69,7 @@ class Backend:
     tunables: tuple[tuple[str, str], ...] = ()  # (container variable, default): image ENV, overridable via .env
     stop_grace_period: str = "10s"  # time between SIGTERM and SIGKILL on `docker compose stop`
     smoke_skip: frozenset[str] = frozenset()  # smoke checks its pinned version cannot pass (upstream gaps)
+    gguf_closes_gaps: bool = False  # serving a GGUF (llama.cpp engine), it passes every smoke check
     gguf: bool = False  # serves a GGUF: its image builds the llama.cpp stages (compile, convert, quantize)
     demo: bool = False  # built and asked by `make demo`
 
@@ -85,6 +86,10 @@ class Backend:
 
     def serves_gguf(self, spec: BuildSpec) -> bool:
         return self.gguf or (self.name == "xinference" and spec.xinference_engine == "llama.cpp")
+
+    def smoke_gaps(self, spec: BuildSpec) -> frozenset[str]:
+        """The smoke checks this build cannot pass (written to .env as <BACKEND>_SMOKE_SKIP)."""
+        return frozenset() if self.gguf_closes_gaps and self.serves_gguf(spec) else self.smoke_skip
 
     def quant_types(self, spec: BuildSpec) -> tuple[str, ...]:
         """The QUANT types this build produces; () when it serves the merged weights as they are."""
@@ -206,8 +211,10 @@ REGISTRY: dict[str, Backend] = {
             check=_check_xinference,
             cache_volume="/home/app/.cache",
             stop_grace_period="30s",
-            # Xinference 4.1.0's transformers engine implements chat only (no /v1/completions).
+            # Xinference 4.1.0's transformers engine implements chat only (no /v1/completions); its
+            # llama.cpp engine serves all of it (tests/runtime/test_xinference_engines.py).
             smoke_skip=frozenset({"completions"}),
+            gguf_closes_gaps=True,
             demo=True,
         ),
     )

@@ -174,13 +174,15 @@ def _git_revision() -> str:
 
 
 def write_env(spec: BuildSpec, built: list[str], path: Path) -> Path:
-    """.env for compose: images, profiles, ports, the API key (kept if one exists; else generated)."""
+    """.env for compose: images, profiles, ports, the smoke checks each build cannot pass, the API
+    key (kept if one exists; else generated)."""
     existing = read_env(path)
     key = os.environ.get(spec.api_key_env) or existing.get(spec.api_key_env) or secrets.token_urlsafe(24)
     values = {
         "COMPOSE_PROFILES": ",".join(built),
         **{f"{b.upper()}_IMAGE": spec.image(b) for b in backends.NAMES},
         **{f"{b.upper()}_PORT": str(getattr(spec.ports, b)) for b in backends.NAMES},
+        **{f"{b.upper()}_SMOKE_SKIP": ",".join(sorted(backends.get(b).smoke_gaps(spec))) for b in built},
         "SERVED_MODEL_NAME": spec.served_model_name or "model",
         spec.api_key_env: key,
     }

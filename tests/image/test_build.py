@@ -138,3 +138,13 @@ def test_env_file_keeps_key_and_lists_profiles(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("API_KEY", "mine")
     write_env(spec, ["vllm"], env)
     assert read_env(env)["API_KEY"] == "mine"
+
+
+def test_env_file_names_the_smoke_checks_each_build_cannot_pass(tmp_path: Path):
+    """Xinference's transformers engine has no /v1/completions; on its llama.cpp engine nothing is skipped."""
+    env = tmp_path / ".env"
+    write_env(BuildSpec(model="org/x", xinference_engine="transformers"), ["chatglmcpp", "xinference"], env)
+    values = read_env(env)
+    assert values["XINFERENCE_SMOKE_SKIP"] == "completions" and values["CHATGLMCPP_SMOKE_SKIP"] == ""
+    write_env(BuildSpec(model="org/x"), ["xinference"], env)
+    assert read_env(env)["XINFERENCE_SMOKE_SKIP"] == "" and "CHATGLMCPP_SMOKE_SKIP" not in read_env(env)
