@@ -1,8 +1,8 @@
 """Cold start per backend: seconds from `docker run` to the first 200 chat answer seen from the host.
 
-Usage: .venv/bin/python bench/cold_start.py [--runs 3] [--image chatglmcpp=IMG] [--image xinference=IMG]
-Defaults to the images `make e2e` builds (e2e-chatglmcpp:test, e2e-xinference:test). Prints figures;
-asserts nothing about time.
+Usage: .venv/bin/python bench/cold_start.py [--runs 3] [--image BACKEND=IMG ...]
+Defaults to the images `make e2e` builds (e2e-chatglmcpp:test, e2e-llamacpp:test, e2e-xinference:test).
+Prints figures; asserts nothing about time.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from builder import backends  # noqa: E402
 from builder.demo import model as demo  # noqa: E402
 from builder.runtime.smoke import chat  # noqa: E402
 
 DOCKER = "/usr/bin/docker"
-PORTS = {"chatglmcpp": 8001, "xinference": 9997}
 KEY = "bench-key"
 
 
@@ -36,11 +36,9 @@ def cold_start(backend: str, image: str, served: str, host_port: int, timeout: f
             "--name",
             name,
             "-p",
-            f"127.0.0.1:{host_port}:{PORTS[backend]}",
+            f"127.0.0.1:{host_port}:{backends.get(backend).port}",
             "-e",
-            f"API_KEY={KEY}",
-            "-e",
-            f"XINFERENCE_API_KEY={KEY}",
+            f"{backends.get(backend).api_key_var}={KEY}",
             image,
         ],
         check=True,
@@ -72,7 +70,7 @@ def main() -> None:
     parser.add_argument("--served-model-name", default="base")
     parser.add_argument("--image", action="append", default=[], help="backend=image")
     args = parser.parse_args()
-    images = {"chatglmcpp": "e2e-chatglmcpp:test", "xinference": "e2e-xinference:test"}
+    images = {b: f"e2e-{b}:test" for b in ("chatglmcpp", "llamacpp", "xinference")}
     images.update(dict(item.split("=", 1) for item in args.image))
     print(f"{'backend':<12} {'runs':>4} {'median s':>9} {'min s':>7} {'max s':>7}")
     for i, (backend, image) in enumerate(images.items()):
