@@ -252,84 +252,68 @@ host_mirror() {
 
 image_exists() { D image inspect "$1" >/dev/null 2>&1; }
 
-build_python_base() {
-  if [ "${HARNESS_REBUILD:-0}" != 1 ] && image_exists "$PY_IMAGE"; then
-    log "bases: $PY_IMAGE exists, skipped"
+# debootstrap --variant=minbase of $SUITE plus PACKAGES (comma list, may be empty), slimmed like the
+# official images, cached as $STATE/rootfs/NAME-$SUITE.tar (reused unless HARNESS_REBUILD=1).
+debootstrap_rootfs() {  # NAME PACKAGES
+  local name="$1" packages="$2" tarball="$STATE/rootfs/$1-$SUITE.tar" dir mirror sec
+  local logfile="$STATE/rootfs/debootstrap-$1.log"
+  mkdir -p "$STATE/rootfs"
+  if [ "${HARNESS_REBUILD:-0}" != 1 ] && [ -s "$tarball" ]; then
+    log "bases: using cached rootfs $tarball"
     return 0
   fi
-  local tarball="$STATE/rootfs/python-$SUITE.tar" dir mirror
-  mkdir -p "$STATE/rootfs"
-  if [ "${HARNESS_REBUILD:-0}" = 1 ] || [ ! -s "$tarball" ]; then
-    apt_ensure debootstrap
-    mirror="$(host_mirror)"
-    dir="$STATE/rootfs/python-$SUITE.d"
-    rm -rf "$dir"
-    log "bases: debootstrap --variant=minbase $SUITE from $mirror (packages: $PY_PACKAGES)"
-    run debootstrap --variant=minbase --include="$PY_PACKAGES" "$SUITE" "$dir" "$mirror" \
-      >"$STATE/rootfs/debootstrap.log" 2>&1 ||
-      { tail -n 30 "$STATE/rootfs/debootstrap.log" >&2; die "bases: debootstrap failed (see $STATE/rootfs/debootstrap.log)"; }
-    # Same mirror inside the image, plus updates and security (apt works through the proxy).
-    local sec
-    sec="$(sed -n 's/^URIs:[[:space:]]*\(.*debian-security\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1 || true)"
-    {
-      echo "deb $mirror $SUITE main"
-      echo "deb $mirror $SUITE-updates main"
-      [ -n "$sec" ] && echo "deb $sec $SUITE-security main"
-    } >"$dir/etc/apt/sources.list"
-    # Slim like python:*-slim: no apt caches/lists; and, like python:3.11-slim and the CUDA devel
-    # images, pip may install into the system interpreter (drop PEP 668's EXTERNALLY-MANAGED).
-    rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/* "$dir"/var/log/* "$dir"/tmp/*
-    rm -f "$dir"/usr/lib/python3*/EXTERNALLY-MANAGED
-    run tar -C "$dir" --numeric-owner -cf "$tarball.tmp" .
-    mv "$tarball.tmp" "$tarball"
-    rm -rf "$dir"
-  else
-    log "bases: using cached rootfs $tarball"
+  apt_ensure debootstrap
+  mirror="$(host_mirror)"
+  dir="$STATE/rootfs/$name-$SUITE.d"
+  rm -rf "$dir"
+  log "bases: debootstrap --variant=minbase $SUITE from $mirror (packages: ${packages:-none added})"
+  run debootstrap --variant=minbase ${packages:+--include="$packages"} "$SUITE" "$dir" "$mirror" >"$logfile" 2>&1 ||
+    { tail -n 30 "$logfile" >&2; die "bases: debootstrap failed (see $logfile)"; }
+  # Same mirror inside the image, plus updates and security (apt works through the proxy).
+  sec="$(sed -n 's/^URIs:[[:space:]]*\(.*debian-security\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1 || true)"
+  {
+    echo "deb $mirror $SUITE main"
+    echo "deb $mirror $SUITE-updates main"
+    [ -n "$sec" ] && echo "deb $sec $SUITE-security main"
+  } >"$dir/etc/apt/sources.list"
+  # Slim like the official *-slim images: no apt caches/lists; and, like python:3.11-slim and the
+  # CUDA devel images, pip may install into the system interpreter (drop PEP 668's EXTERNALLY-MANAGED).
+  rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/* "$dir"/var/log/* "$dir"/tmp/*
+  rm -f "$dir"/usr/lib/python3*/EXTERNALLY-MANAGED
+  run tar -C "$dir" --numeric-owner -cf "$tarball.tmp" .
+  mv "$tarball.tmp" "$tarball"
+  rm -rf "$dir"
+}
+
+base_wanted() {  # IMAGE: false when it exists and no rebuild was asked for
+  if [ "${HARNESS_REBUILD:-0}" != 1 ] && image_exists "$1"; then
+    log "bases: $1 exists, skipped"
+    return 1
   fi
+}
+
+build_python_base() {
+  base_wanted "$PY_IMAGE" || return 0
+  debootstrap_rootfs python "$PY_PACKAGES"
   log "bases: docker import -> $PY_IMAGE"
   D import \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' \
     --change 'ENV PYTHONDONTWRITEBYTECODE=1' \
     --change 'CMD ["python3"]' \
-    "$tarball" "$PY_IMAGE" >/dev/null
+    "$STATE/rootfs/python-$SUITE.tar" "$PY_IMAGE" >/dev/null
 }
 
-# Like debian:bookworm-slim: debootstrap minbase, nothing added (the llama.cpp runtime base, which
-# must hold neither Python nor a compiler).
+# Like debian:bookworm-slim: minbase, nothing added (the llama.cpp runtime base, which must hold
+# neither Python nor a compiler).
 build_slim_base() {
-  if [ "${HARNESS_REBUILD:-0}" != 1 ] && image_exists "$SLIM_IMAGE"; then
-    log "bases: $SLIM_IMAGE exists, skipped"
-    return 0
-  fi
-  local tarball="$STATE/rootfs/slim-$SUITE.tar" dir mirror sec
-  mkdir -p "$STATE/rootfs"
-  if [ "${HARNESS_REBUILD:-0}" = 1 ] || [ ! -s "$tarball" ]; then
-    apt_ensure debootstrap
-    mirror="$(host_mirror)"
-    dir="$STATE/rootfs/slim-$SUITE.d"
-    rm -rf "$dir"
-    log "bases: debootstrap --variant=minbase $SUITE from $mirror (no extra packages)"
-    run debootstrap --variant=minbase "$SUITE" "$dir" "$mirror" >"$STATE/rootfs/debootstrap-slim.log" 2>&1 ||
-      { tail -n 30 "$STATE/rootfs/debootstrap-slim.log" >&2; die "bases: debootstrap failed (see $STATE/rootfs/debootstrap-slim.log)"; }
-    sec="$(sed -n 's/^URIs:[[:space:]]*\(.*debian-security\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1 || true)"
-    {
-      echo "deb $mirror $SUITE main"
-      echo "deb $mirror $SUITE-updates main"
-      [ -n "$sec" ] && echo "deb $sec $SUITE-security main"
-    } >"$dir/etc/apt/sources.list"
-    rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/* "$dir"/var/log/* "$dir"/tmp/*
-    run tar -C "$dir" --numeric-owner -cf "$tarball.tmp" .
-    mv "$tarball.tmp" "$tarball"
-    rm -rf "$dir"
-  else
-    log "bases: using cached rootfs $tarball"
-  fi
+  base_wanted "$SLIM_IMAGE" || return 0
+  debootstrap_rootfs slim ""
   log "bases: docker import -> $SLIM_IMAGE"
   D import \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'CMD ["bash"]' \
-    "$tarball" "$SLIM_IMAGE" >/dev/null
+    "$STATE/rootfs/slim-$SUITE.tar" "$SLIM_IMAGE" >/dev/null
 }
 
 selected_dockerfile_bases() {  # prints NAME per line
