@@ -79,9 +79,9 @@ class Server:
     def __init__(self, kind: str, model: Path, port: int, threads: int = os.cpu_count() or 2, **env: str):
         self.url = f"http://127.0.0.1:{port}"
         if kind == "llama.cpp":
-            from builder.model.gguf.convert import HOME
+            from builder.model.gguf.llamacpp import host_binary
 
-            argv = [os.environ.get("LLAMA_SERVER") or str(HOME / "host" / "llama-server"), "-m", str(model),
+            argv = [str(host_binary("llama-server", "LLAMA_SERVER")), "-m", str(model),
                     "--host", "127.0.0.1", "--port", str(port), "-t", str(threads), "-np", "8", "--kv-unified",
                     "-c", "4096", "--no-webui", "--alias", "bench"]  # fmt: skip
         else:

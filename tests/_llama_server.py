@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time
@@ -14,9 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from builder.model.gguf.convert import HOME
+from builder.model.gguf.llamacpp import host_binary
 
-SERVER = Path(os.environ.get("LLAMA_SERVER") or HOME / "host" / "llama-server")
+SERVER = host_binary("llama-server", "LLAMA_SERVER")
 
 
 def free_port() -> int:

@@ -57,8 +57,7 @@ def source_dir() -> Path:
 
 def quantize_binary() -> Path:
     """llama-quantize: $LLAMA_QUANTIZE, else the host build of `make llamacpp`."""
-    env = os.environ.get("LLAMA_QUANTIZE")
-    path = Path(env) if env else HOME / "host" / "llama-quantize"
+    path = llamacpp.host_binary("llama-quantize", "LLAMA_QUANTIZE")
     if not path.is_file():
         raise BuilderError(
             f"llama-quantize not found at {path}: run `make llamacpp` (compiles it from the pinned source), "

@@ -162,6 +162,11 @@ def registered_architectures(src: Path) -> list[str]:
     raise RuntimeError(f"{src}/conversion/__init__.py has no TEXT_MODEL_MAP")
 
 
+def host_binary(name: str, env_var: str) -> Path:
+    """One of TARGETS: $env_var if set, else the host build of `make llamacpp` (which may not exist yet)."""
+    return Path(os.environ.get(env_var) or HOST_HOME / "host" / name)
+
+
 def build_host() -> Path:
     """The host build in HOST_HOME/host, rebuilt only when the pin or the flags change (a stamp records them)."""
     out = HOST_HOME / "host"
