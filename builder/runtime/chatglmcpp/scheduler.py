@@ -190,19 +190,15 @@ class Scheduler:
             self.engine.send(("cancel", job.id))
 
     def _dispatch(self) -> None:
-        if self.running is not None or self.state != "ready":
-            return
-        while self.queue:
-            job = self.queue.popleft()
-            job.state = "running"
-            self.running = job
-            self.metrics.queue_wait.observe(time.monotonic() - job.created)
+        """Start the next queued job when the engine is ready and idle."""
+        if self.running is None and self.state == "ready" and self.queue:
+            job = self.queue[0]
             if self.engine.send(("generate", job.id, job.gens)):
-                break
-            self.running = None  # the engine is gone: the job waits for the restarted one
-            job.state = "queued"
-            self.queue.appendleft(job)
-            break
+                self.queue.popleft()
+                job.state = "running"
+                self.running = job
+                self.metrics.queue_wait.observe(time.monotonic() - job.created)
+            # else the engine is gone: the job stays first in line for the restarted one
         self._gauge()
 
     def _on_message(self, msg: tuple) -> None:
