@@ -22,7 +22,6 @@ from builder import backends
 from builder.errors import BuilderError
 
 Backend = Literal[backends.NAMES]  # type: ignore[valid-type]
-BACKENDS: tuple[str, ...] = backends.NAMES
 Quant = Literal[backends.QUANTS]  # type: ignore[valid-type]
 ModelHub = Literal["auto", "local", "huggingface", "modelscope"]
 
@@ -82,8 +81,9 @@ Ports = create_model(
 )
 
 
-class BuildSpec(BaseModel):
-    """What to build. Field docs double as the README's reference table."""
+class _BuildSpec(BaseModel):
+    """What to build. Field docs double as the README's reference table. Each backend's own options
+    are added below as `<backend>_<option>` fields (BuildSpec)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -107,20 +107,12 @@ class BuildSpec(BaseModel):
     cuda: bool = Field(
         False, description="Build the CUDA variant of every backend that has one (chatglm.cpp: -DGGML_CUDA=ON)"
     )
-    llamacpp_cpu: Literal["all-variants", "avx2"] = Field(
-        "all-variants",
-        description="llama.cpp's CPU code: every x86 ISA level, picked at start (runtime dispatch), or one AVX2 build (a quarter of the compile)",
-    )
     cuda_architectures: str = Field("80;86;89;90", description="CMAKE_CUDA_ARCHITECTURES for the CUDA builds")
     ca_bundle: Path | None = Field(None, description="CA bundle for TLS-intercepting proxies (BuildKit secret)")
     wheelhouse: Path | None = Field(None, description="Folder of local wheels pip uses inside the build")
     hub_token_env: str = Field("HF_TOKEN", description="Environment variable holding the hub token (BuildKit secret)")
     api_key_env: str = Field("API_KEY", description="Compose variable holding the API key handed to every backend")
     trust_remote_code: bool = Field(False, description="Allow code from the model folder (vLLM, Xinference)")
-    xinference_engine: Literal["llama.cpp", "transformers", "vllm"] = Field(
-        "llama.cpp",
-        description="Xinference engine: llama.cpp serves the GGUF (QUANT) on CPU; transformers and vllm the merged weights",
-    )
     ports: Ports = Field(default_factory=Ports)
 
     @field_validator("model")
@@ -184,15 +176,17 @@ class BuildSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, data: Any) -> Any:
-        """`chatglmcpp_cuda: true` (before backends shared one switch) still means `cuda: true`."""
-        if isinstance(data, dict) and "chatglmcpp_cuda" in data:
-            data = dict(data)
-            legacy = data.pop("chatglmcpp_cuda")
-            data.setdefault("cuda", legacy)
+        """A spec key a backend renamed (its record's `renamed_options`) still sets the field that replaced it."""
+        if isinstance(data, dict):
+            for b in backends.REGISTRY.values():
+                for old, new in b.renamed_options.items():
+                    if old in data:
+                        data = dict(data)
+                        data.setdefault(new, data.pop(old))
         return data
 
     @model_validator(mode="after")
-    def _served_default(self) -> BuildSpec:
+    def _served_default(self) -> _BuildSpec:
         if self.served_model_name is None and self.model:
             stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.model.rstrip("/")).name).strip("-.") or "model"
             object.__setattr__(self, "served_model_name", stem[:128])
@@ -227,6 +221,19 @@ class BuildSpec(BaseModel):
         if self.cuda and backends.get(backend).cuda_base:
             return getattr(self.base_images, f"{backend}_cuda")
         return getattr(self.base_images, backend)
+
+
+def option_fields() -> dict[str, tuple[Any, Any]]:
+    """Every backend's own options as spec fields `<backend>_<option>` (type, default and description)."""
+    fields: dict[str, tuple[Any, Any]] = {}
+    for b in backends.REGISTRY.values():
+        for key, option in b.option_fields().items():
+            info = b.options.model_fields[option]
+            fields[key] = (info.annotation, Field(info.default, description=info.description))
+    return fields
+
+
+BuildSpec = create_model("BuildSpec", __base__=_BuildSpec, __doc__=_BuildSpec.__doc__, **option_fields())
 
 
 # -- loading ---------------------------------------------------------------------------------

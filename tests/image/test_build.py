@@ -5,16 +5,12 @@ import os
 import stat
 from pathlib import Path
 
-import pytest
-
-from builder.errors import BuilderError
 from builder.image.build import (
     build_args,
     build_secrets,
     digest_dir,
     prepare_context,
     read_env,
-    resolve_backends,
     write_env,
 )
 from builder.spec import BuildSpec
@@ -40,37 +36,6 @@ GLM = {
     "num_key_value_heads": 1,
     "vocab_size": 600,
 }
-
-
-def test_auto_backends_follow_the_architecture():
-    spec = BuildSpec(model="org/x")
-    assert resolve_backends(spec, GLM) == ["vllm", "chatglmcpp", "llamacpp", "xinference"]
-    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
-    assert resolve_backends(spec, llama) == ["vllm", "llamacpp", "xinference"]
-    # GGUF conversion runs no model code, so remote-code models still get the GGUF backends
-    baichuan = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "auto_map": {"AutoModel": "x"}}
-    assert resolve_backends(spec, baichuan) == ["llamacpp", "xinference"]
-    merged_weights = BuildSpec(model="org/x", xinference_engine="transformers")
-    assert resolve_backends(merged_weights, baichuan) == ["llamacpp"]
-    odd = {"architectures": ["InternLMForCausalLM"], "model_type": "internlm", "auto_map": {"AutoModel": "x"}}
-    with pytest.raises(BuilderError, match="remote code"):
-        resolve_backends(merged_weights, odd)
-    trusted = BuildSpec(model="org/x", xinference_engine="transformers", trust_remote_code=True)
-    assert resolve_backends(trusted, odd) == ["xinference"]
-
-
-def test_explicit_backends_and_hub_auto():
-    assert resolve_backends(BuildSpec(model="org/x", backends="xinference,vllm"), None) == ["vllm", "xinference"]
-    with pytest.raises(BuilderError, match="BACKEND=auto"):
-        resolve_backends(BuildSpec(model="org/x"), None)
-
-
-def test_chatglmcpp_refuses_llama_before_any_build():
-    with pytest.raises(BuilderError, match="chatglm"):
-        resolve_backends(
-            BuildSpec(model="org/x", backends="chatglmcpp"),
-            {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
-        )
 
 
 def test_context_is_minimal_and_links_weights(tmp_path: Path):

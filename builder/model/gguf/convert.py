@@ -16,9 +16,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.backends import GGUF_QUANTS as QUANTS
 from builder.errors import BuilderError
 from builder.model.gguf import llamacpp
+
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k")
 
 FLOAT_TYPES = ("f32", "f16", "bf16")  # written by the converter itself; the others by llama-quantize
 ARCHITECTURES_FILE = Path(__file__).with_name("architectures.txt")

@@ -59,8 +59,17 @@ CPU_BUILDS = {
     "all-variants": ("-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON"),
     "avx2": ("-DGGML_SSE42=ON", "-DGGML_AVX=ON", "-DGGML_F16C=ON", "-DGGML_FMA=ON", "-DGGML_AVX2=ON", "-DGGML_BMI2=ON"),
 }
-# The host's test build: one CPU variant for this machine, static binaries (fastest to compile).
-CMAKE_HOST = (*CMAKE_COMMON, "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF")
+# The host's test build: one CPU variant for this machine, static binaries (fastest to compile). Without
+# AMX: on Sapphire Rapids hosts -march=native compiles ggml's AMX matmul, which crashes on this pin for
+# the tests' small models (SIGSEGV in ggml_backend_amx_mul_mat); explicit -mno-amx-* win over -march.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+CMAKE_HOST = (
+    *CMAKE_COMMON,
+    "-DGGML_NATIVE=ON",
+    "-DBUILD_SHARED_LIBS=OFF",
+    f"-DCMAKE_C_FLAGS={NO_AMX}",
+    f"-DCMAKE_CXX_FLAGS={NO_AMX}",
+)
 
 
 def cmake_image_flags(cuda_architectures: str | None = None, cpu: str = "all-variants") -> list[str]:
