@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -229,7 +229,9 @@ def option_fields() -> dict[str, tuple[Any, Any]]:
     for b in backends.REGISTRY.values():
         for key, option in b.option_fields().items():
             info = b.options.model_fields[option]
-            fields[key] = (info.annotation, Field(info.default, description=info.description))
+            # The option's constraints (a pattern, bounds) travel with its type, so the spec checks them too.
+            annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+            fields[key] = (annotation, Field(info.default, description=info.description))
     return fields
 
 

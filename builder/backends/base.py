@@ -92,6 +92,7 @@ class Backend:
     cache_volume: Optional[str] = None  # container path that compose backs with a named volume
     passthrough_env: tuple[str, ...] = ()  # host/.env variables compose hands to the container as they are
     tunables: tuple[tuple[str, str], ...] = ()  # (container variable, default): image ENV, overridable via .env
+    startup_budget: Optional[str] = None  # first start allowed before k8s restarts it; None: healthcheck.start_period
     stop_grace_period: str = "10s"  # time between SIGTERM and SIGKILL on `docker compose stop`
     options: type[BaseModel] = NoOptions  # its own spec options (see NoOptions)
     renamed_options: dict[str, str] = field(default_factory=dict)  # old spec key -> the field that replaced it
@@ -127,6 +128,10 @@ class Backend:
         """(ARG, image) of the base llama.cpp is compiled on for this image: its own runtime base."""
         return self.base_arg, spec.runtime_base(self.name)
 
+    def tunables_for(self, spec: BuildSpec) -> tuple[tuple[str, str], ...]:
+        """(container variable, default) of this build: image ENV, compose's and k8s's overridable values."""
+        return self.tunables
+
     def smoke_gaps(self, spec: BuildSpec) -> frozenset[str]:
         """The smoke checks this build cannot pass (written to .env as <BACKEND>_SMOKE_SKIP)."""
         return frozenset()
@@ -141,6 +146,10 @@ class Backend:
 
     def uses_cuda(self, spec: BuildSpec) -> bool:
         return self.gpu or (spec.cuda and self.cuda_base is not None)
+
+    def startup_period(self) -> str:
+        """How long the first start may take (model load, compile) before Kubernetes restarts it."""
+        return self.startup_budget or self.healthcheck.start_period
 
     def option_fields(self) -> dict[str, str]:
         """{spec field: option name} of its own options."""

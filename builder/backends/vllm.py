@@ -5,13 +5,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from builder.backends.base import REMOTE_CODE, Backend, Healthcheck, http_probe
+from pydantic import Field
+
+from builder.backends.base import REMOTE_CODE, Backend, Healthcheck, NoOptions, http_probe
 
 if TYPE_CHECKING:
     from builder.spec import BuildSpec
 
 # vLLM 0.33 dropped these; the vLLM image re-checks against vLLM's own registry at build time.
 VLLM_UNSUPPORTED = {"BaichuanForCausalLM", "InternLMForCausalLM"}
+
+# What vLLM's --max-model-len takes (vllm/utils/argparse_utils.py human_readable_int_or_auto).
+MAX_MODEL_LEN = r"auto|-1|[1-9][0-9]*|[0-9]+(\.[0-9]+)?[kKmMgG]"
+
+# First start of a served model: weights load, torch.compile (cached under ~/.cache/vllm afterwards),
+# CUDA-graph capture, KV-cache profiling. Minutes for a 7-9B model on one GPU; a large one takes longer.
+STARTUP_BUDGET = "1200s"
+
+
+class VllmOptions(NoOptions):
+    max_model_len: str = Field(
+        "auto",
+        pattern=f"^({MAX_MODEL_LEN})$",
+        description="vLLM's --max-model-len, the context its KV cache is sized for: auto (or -1) = the "
+        "largest that fits in GPU memory, else tokens (4096, 32k, 32K); the image's LLM_MAX_MODEL_LEN",
+    )
 
 
 @dataclass(frozen=True)
@@ -26,6 +44,9 @@ class VllmBackend(Backend):
             return REMOTE_CODE
         return None
 
+    def tunables_for(self, spec: BuildSpec) -> tuple[tuple[str, str], ...]:
+        return (*self.tunables, ("LLM_MAX_MODEL_LEN", self.options_of(spec).max_model_len))
+
 
 BACKEND = VllmBackend(
     name="vllm",
@@ -35,11 +56,13 @@ BACKEND = VllmBackend(
     base_arg="VLLM_BASE",
     port=8000,
     health_path="/health",
-    healthcheck=Healthcheck(http_probe(8000, "/health"), "10s", "5s", 3, "300s"),
+    healthcheck=Healthcheck(http_probe(8000, "/health"), "10s", "5s", 3, STARTUP_BUDGET),
+    startup_budget=STARTUP_BUDGET,
     api_key_var="VLLM_API_KEY",
     check_explicit=False,  # the build's arch-check stage asks vLLM itself, which knows better than this list
     gpu=True,
     cache_volume="/home/app/.cache",
-    passthrough_env=("VLLM_EXTRA_ARGS",),
+    passthrough_env=("LLM_EXTRA_ARGS",),
+    options=VllmOptions,
     runtime_modules=("vllm_boot.py",),
 )

@@ -63,8 +63,8 @@ def probes(b: backends.Backend) -> dict[str, dict]:
     Ready = what the image's HEALTHCHECK says (the model answers): an httpGet on the health path when
     the healthcheck is exactly that HTTP check, else the healthcheck command itself (Xinference's asks
     the model, which its health path, /status, does not). Alive = the health path answers. The
-    startup probe runs the readiness check and allows the healthcheck's start period (model load)
-    before the other two take over."""
+    startup probe runs the readiness check and allows the record's startup budget (model load, and for
+    vLLM torch.compile and CUDA-graph capture) before the other two take over."""
     hc = b.healthcheck
     period, timeout = seconds(hc.interval), seconds(hc.timeout)
     http = {"httpGet": {"path": b.health_path, "port": "http"}}
@@ -76,7 +76,7 @@ def probes(b: backends.Backend) -> dict[str, dict]:
             **ready,
             "periodSeconds": period,
             "timeoutSeconds": timeout,
-            "failureThreshold": max(1, math.ceil(seconds(hc.start_period) / period)),
+            "failureThreshold": max(1, math.ceil(seconds(b.startup_period()) / period)),
         },
         "readinessProbe": {**ready, "periodSeconds": period, "timeoutSeconds": timeout, "failureThreshold": hc.retries},
         "livenessProbe": {**http, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
@@ -184,7 +184,7 @@ def workload(spec: BuildSpec, b: backends.Backend, pushed: dict[str, str]) -> Wo
         env=[
             api_key_env(spec, b),
             *({"name": n, "value": ""} for n in b.passthrough_env),
-            *({"name": n, "value": v} for n, v in b.tunables),  # the image's defaults, there to patch
+            *({"name": n, "value": v} for n, v in b.tunables_for(spec)),  # the image's defaults, there to patch
         ],
         probes=probes(b),
         resources=resources(spec, b),

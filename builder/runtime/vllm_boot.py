@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ALTERNATIVES = (
@@ -21,9 +22,21 @@ ALTERNATIVES = (
 )
 
 
-# vLLM's generic Transformers-backend entries: with trust_remote_code, vLLM can run a remote-code
-# architecture it has no native implementation for through one of these (if that code is compatible).
-TRANSFORMERS_FALLBACKS = ("TransformersForCausalLM", "TransformersModel")
+# vLLM's generic Transformers-backend entry for text generation: with trust_remote_code, vLLM can run a
+# remote-code architecture it has no native implementation for through it (if that code is compatible).
+# (0.33 has no `TransformersModel` any more: model_executor/models/registry.py _TRANSFORMERS_BACKEND_MODELS.)
+TRANSFORMERS_FALLBACKS = ("TransformersForCausalLM",)
+
+# vLLM's allowed --max-lora-rank values (vllm/config/lora.py MaxLoRARanks).
+MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+# Our own variables, out of vLLM's VLLM_ namespace (vLLM warns about, or with --fail-on-environ-validation
+# refuses, every VLLM_* name it does not know). old name -> new name; the old ones are still read.
+RENAMED_ENV = {
+    "VLLM_MODEL_PATH": "LLM_MODEL_PATH",
+    "VLLM_TRUST_REMOTE_CODE": "LLM_TRUST_REMOTE_CODE",
+    "VLLM_EXTRA_ARGS": "LLM_EXTRA_ARGS",
+}
 
 
 def supported_architectures() -> set[str]:
@@ -43,21 +56,155 @@ def transformers_fallback(config: dict, supported: set[str], trust_remote_code: 
     return next((a for a in TRANSFORMERS_FALLBACKS if a in supported), None)
 
 
+def resolve_architecture(config: dict, supported: set[str], trust_remote_code: bool = False) -> str | None:
+    """The registry entry vLLM would run this config with: its first architecture vLLM knows (vLLM's own
+    order), else the Transformers backend for trusted remote code; None when there is none."""
+    archs = config.get("architectures") or []
+    known = next((a for a in archs if a in supported), None)
+    return known or (transformers_fallback(config, supported, trust_remote_code) if archs else None)
+
+
 def check_config(
     config: dict, supported: set[str], vllm_version: str = "", trust_remote_code: bool = False
 ) -> str | None:
-    """None when vLLM can serve this config, else the message to fail the build with."""
+    """None when vLLM has an implementation for this config, else the message to fail the build with."""
+    if resolve_architecture(config, supported, trust_remote_code):
+        return None
     archs = config.get("architectures") or []
-    if any(a in supported for a in archs):
-        return None
-    if archs and transformers_fallback(config, supported, trust_remote_code):
-        return None
     what = ", ".join(archs) or f"model_type {config.get('model_type', '?')} (no `architectures` in config.json)"
     near = sorted(a for a in supported if archs and a.lower().startswith(archs[0][:4].lower()))[:8]
     hint = f" Similar names vLLM knows: {', '.join(near)}." if near else ""
     version = f"vLLM {vllm_version}".strip() if vllm_version else "vLLM"
     return (
         f"{version} cannot serve {what}: not among its {len(supported)} supported architectures.{hint} {ALTERNATIVES}"
+    )
+
+
+# --------------------------------------------------------------------------- what vLLM would do with it
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """What vLLM's registry says about one architecture: the fields of its `_ModelInfo`
+    (`ModelRegistry.models[arch].inspect_model_cls()`) the check decides on."""
+
+    architecture: str  # as config.json names it
+    model_class: str  # the class vLLM runs it with (_ModelInfo.architecture)
+    is_text_generation_model: bool
+    is_pooling_model: bool
+    supports_lora: bool
+    is_draft_model: bool = False  # a speculative-decoding draft (MTP, EAGLE, DFlash): never served alone
+
+
+def pooling_kind(arch: str) -> str:
+    """What a pooling architecture computes, from vLLM's naming (its registry groups them the same way)."""
+    if arch.endswith("ForSequenceClassification"):
+        return "sequence classification / scores (/classify, /score, /rerank)"
+    if arch.endswith("ForTokenClassification"):
+        return "token classification (/pooling)"
+    if "Reward" in arch:
+        return "reward scores (/pooling)"
+    return "embeddings (/v1/embeddings, /pooling)"
+
+
+def max_lora_rank(rank: int) -> int | None:
+    """The smallest --max-lora-rank vLLM allows that holds an adapter of rank `rank`; None above the largest."""
+    return next((allowed for allowed in MAX_LORA_RANKS if allowed >= rank), None)
+
+
+def serving_refusals(info: ArchInfo, lora_rank: int | None = None) -> list[str]:
+    """Why vLLM could not serve this architecture as a chat/completions model (with LoRA adapters of up to
+    `lora_rank` served unmerged, when given): [] when it can. vLLM starts a model that is a pooling model
+    as one, with no generation endpoints (config/model.py `_get_default_runner_type`)."""
+    name = f"{info.architecture} (vLLM class {info.model_class})"
+    reasons = []
+    if info.is_draft_model:
+        reasons.append(
+            f"{name} is a speculative-decoding draft model: vLLM runs it only beside a target model "
+            "(--speculative-config), never as a served model of its own"
+        )
+    elif info.is_pooling_model or not info.is_text_generation_model:
+        reasons.append(
+            f"{name} is not a text-generation model in vLLM: it would start as a pooling model computing "
+            f"{pooling_kind(info.architecture)}, with no /v1/chat/completions or /v1/completions"
+        )
+    if lora_rank is not None:
+        if not info.supports_lora:
+            reasons.append(f"{name} does not support LoRA in vLLM (--enable-lora): merge the adapter instead")
+        if lora_rank < 1:
+            reasons.append(f"LoRA rank {lora_rank} is not a rank: give the adapter's r (1 or more)")
+        elif max_lora_rank(lora_rank) is None:
+            reasons.append(
+                f"LoRA rank {lora_rank} is above vLLM's largest --max-lora-rank ({MAX_LORA_RANKS[-1]}): "
+                "merge the adapter instead"
+            )
+    return reasons
+
+
+def inspect_architecture(arch: str, registry_arch: str) -> ArchInfo:
+    """Ask the installed vLLM's registry (it inspects the class in a subprocess, without CUDA)."""
+    from vllm.model_executor.models import ModelRegistry, registry
+
+    info = ModelRegistry.models[registry_arch].inspect_model_cls()
+    drafts = getattr(registry, "_SPECULATIVE_DECODING_MODELS", {})
+    return ArchInfo(
+        architecture=arch,
+        model_class=info.architecture,
+        is_text_generation_model=info.is_text_generation_model,
+        is_pooling_model=info.is_pooling_model,
+        supports_lora=info.supports_lora,
+        is_draft_model=registry_arch in drafts,
+    )
+
+
+# --------------------------------------------------------------------------- chat template
+
+CHAT_TEMPLATE_HELP = (
+    "/v1/chat/completions will fail at the first request (/v1/completions works). Give vLLM one at run "
+    "time: put a Jinja template where the container can read it and pass it through the extra-args "
+    'variable, e.g. LLM_EXTRA_ARGS="--chat-template /templates/chat.jinja" (vLLM\'s --chat-template also '
+    "takes the template text itself), or add chat_template.jinja to the model folder and rebuild."
+)
+
+
+def chat_template_source(model: Path) -> str | None:
+    """Where the model folder's chat template is (what transformers and vLLM read), or None."""
+    tokenizer_config = model / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        try:
+            if json.loads(tokenizer_config.read_text()).get("chat_template"):
+                return "tokenizer_config.json"
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (model / name).is_file() and (model / name).stat().st_size > 0:
+            return name
+    return None
+
+
+def vllm_fallback_template(model: Path) -> str | None:
+    """vLLM's own chat template for the model_type (a few multimodal types have one), when vLLM is here."""
+    try:
+        from vllm.transformers_utils.chat_templates.registry import get_chat_template_fallback_path
+
+        model_type = json.loads((model / "config.json").read_text()).get("model_type", "")
+        found = get_chat_template_fallback_path(model_type, str(model))
+    except Exception:  # no vLLM (host tests), or an unreadable config: no fallback known
+        return None
+    return str(found) if found else None
+
+
+def check_chat_template(model: Path) -> tuple[bool, str]:
+    """(has one, the line for the build log)."""
+    source = chat_template_source(model)
+    if source:
+        return True, f"chat template: {source}"
+    fallback = vllm_fallback_template(model)
+    if fallback:
+        return True, f"chat template: none in the model folder; vLLM uses its own for this model_type ({fallback})"
+    return (
+        False,
+        f"warning: the model has no chat template (tokenizer_config.json, chat_template.jinja). {CHAT_TEMPLATE_HELP}",
     )
 
 
@@ -88,12 +235,29 @@ def load_config(source: str, local: Path, model_id: str, revision: str) -> dict:
     raise SystemExit(f"unknown model source {source!r}")
 
 
+def renamed_env(env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """(environment, warnings): our variables under their LLM_* names, the old VLLM_* names removed so
+    vLLM never sees them. An old name set still counts when its new name is unset or empty."""
+    out, warnings = dict(env), []
+    for old, new in RENAMED_ENV.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if out.get(new, "") == "":
+            out[new] = value
+            warnings.append(f"warning: {old} is renamed {new} (vLLM reserves VLLM_*): using its value; set {new}")
+        else:
+            warnings.append(f"warning: {old} is renamed {new} (vLLM reserves VLLM_*): ignored, {new} is set")
+    return out, warnings
+
+
 def serve_argv(env: dict[str, str]) -> list[str]:
-    """`vllm serve` with the served name, port, remote-code switch and $VLLM_EXTRA_ARGS."""
+    """`vllm serve` with the served name, port, context length, remote-code switch and $LLM_EXTRA_ARGS
+    (last, so a flag there wins: vLLM's parser keeps the last value). Expects renamed_env's output."""
     argv = [
         "vllm",
         "serve",
-        env.get("VLLM_MODEL_PATH", "/models/model"),
+        env.get("LLM_MODEL_PATH") or "/models/model",
         "--served-model-name",
         env.get("SERVED_MODEL_NAME", "model"),
         "--host",
@@ -101,10 +265,15 @@ def serve_argv(env: dict[str, str]) -> list[str]:
         "--port",
         env.get("PORT", "8000"),
     ]
-    if truthy(env.get("VLLM_TRUST_REMOTE_CODE")):
+    # Unset: auto, the largest context whose KV cache fits (vLLM's own default sizes for the model's
+    # full context and fails to start when that does not fit). Empty: vLLM's default.
+    max_model_len = env.get("LLM_MAX_MODEL_LEN", "auto").strip()
+    if max_model_len:
+        argv += ["--max-model-len", max_model_len]
+    if truthy(env.get("LLM_TRUST_REMOTE_CODE")):
         argv.append("--trust-remote-code")
     # The API key reaches vLLM as $VLLM_API_KEY (compose hands it API_KEY), never on the command line.
-    return argv + shlex.split(env.get("VLLM_EXTRA_ARGS", ""))
+    return argv + shlex.split(env.get("LLM_EXTRA_ARGS", ""))
 
 
 def serve_env(env: dict[str, str]) -> dict[str, str]:
@@ -115,25 +284,42 @@ def serve_env(env: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="vllm_boot")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    check = sub.add_parser("check", help="refuse architectures vLLM cannot serve")
+    check = sub.add_parser("check", help="refuse architectures vLLM cannot serve as a chat/completions model")
     check.add_argument("--source", default="local")
     check.add_argument("--local", type=Path, default=Path("/ctx/model"))
     check.add_argument("--model-id", default="")
     check.add_argument("--revision", default="")
     check.add_argument("--trust-remote-code", default="0")
+    check.add_argument(
+        "--lora-rank",
+        type=lambda v: int(v) if v.strip() else None,
+        default=None,
+        help="largest rank of the LoRA adapters to serve unmerged (empty: none, they are merged)",
+    )
+    template = sub.add_parser("chat-template", help="warn when the model folder has no chat template")
+    template.add_argument("model", type=Path)
     serve = sub.add_parser("serve", help="exec vllm serve")
     serve.add_argument("--print", action="store_true", help="print the command (shell-quoted) instead of running it")
-    args = parser.parse_args(argv)
-    if args.cmd == "serve":
-        env = serve_env(dict(os.environ))
-        cmd = serve_argv(env)
-        if args.print:
-            print(shlex.join(cmd))
-            return 0
-        os.execvpe(cmd[0], cmd, env)
+    return parser.parse_args(argv)
+
+
+def serve(print_only: bool) -> int:
+    env, warnings = renamed_env(dict(os.environ))
+    for line in warnings:
+        print(line, file=sys.stderr)
+    env = serve_env(env)
+    cmd = serve_argv(env)
+    if print_only:
+        print(shlex.join(cmd))
+        return 0
+    os.execvpe(cmd[0], cmd, env)
+
+
+def check(args: argparse.Namespace) -> int:
+    """The build-time check: an architecture vLLM has, that generates text (and takes LoRA, when asked)."""
     config = load_config(args.source, args.local, args.model_id, args.revision)
     import vllm
 
@@ -143,21 +329,37 @@ def main(argv: list[str] | None = None) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    archs = ", ".join(config.get("architectures", []))
-    fallback = (
-        None
-        if any(a in supported for a in config.get("architectures", []))
-        else transformers_fallback(config, supported, trust)
-    )
-    if fallback:
+    archs = config.get("architectures", [])
+    registry_arch = resolve_architecture(config, supported, trust)
+    arch = registry_arch if registry_arch in archs else archs[0]
+    lora_rank = args.lora_rank
+    reasons = serving_refusals(inspect_architecture(arch, registry_arch), lora_rank)
+    if reasons:
+        print(f"error: vLLM {vllm.__version__} cannot serve {arch}: {'; '.join(reasons)}.", file=sys.stderr)
+        print(ALTERNATIVES, file=sys.stderr)
+        return 1
+    if registry_arch not in archs:
         print(
-            f"warning: vLLM {vllm.__version__} has no native {archs}; with trust_remote_code it will try its "
-            f"Transformers backend ({fallback}), which needs the remote code to support it",
+            f"warning: vLLM {vllm.__version__} has no native {', '.join(archs)}; with trust_remote_code it will try "
+            f"its Transformers backend ({registry_arch}), which needs the remote code to support it",
             file=sys.stderr,
         )
     else:
-        print(f"vLLM {vllm.__version__} supports {archs}")
+        print(f"vLLM {vllm.__version__} supports {arch} (text generation)")
+    if lora_rank is not None:
+        print(f"LoRA: supported; serve with --enable-lora --max-lora-rank {max_lora_rank(lora_rank)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.cmd == "serve":
+        return serve(args.print)
+    if args.cmd == "chat-template":
+        ok, line = check_chat_template(args.model)
+        print(line, file=sys.stdout if ok else sys.stderr)
+        return 0  # a warning, never a failure: /v1/completions serves without one
+    return check(args)
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ def test_backend_manifests_follow_the_registry(default_render, name):
     }
     period = k8s.seconds(hc.interval)
     assert startup["periodSeconds"] == ready["periodSeconds"] == period
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= k8s.seconds(hc.start_period)
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= k8s.seconds(b.startup_period())
     assert ready["timeoutSeconds"] == k8s.seconds(hc.timeout) and ready["failureThreshold"] == hc.retries
     # compose runs the same check
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"][name]
@@ -182,8 +182,8 @@ def test_backend_manifests_follow_the_registry(default_render, name):
         "name": b.api_key_var,
         "valueFrom": {"secretKeyRef": {"name": "llm-api-key", "key": "api-key"}},
     }
-    assert set(env) == {b.api_key_var, *b.passthrough_env, *(var for var, _ in b.tunables)}
-    for var, default in b.tunables:
+    assert set(env) == {b.api_key_var, *b.passthrough_env, *(var for var, _ in b.tunables_for(spec))}
+    for var, default in b.tunables_for(spec):
         assert env[var] == {"name": var, "value": default}
     assert set(compose["environment"]) == set(env)
 
