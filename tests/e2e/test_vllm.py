@@ -4,6 +4,9 @@
     Dockerfile.vllm builds; the image carries labels, the entrypoint and the right `vllm serve` argv.
 (b) a model whose config.json names an architecture vLLM 0.33 dropped: refused by the check with the
     alternatives, before any heavy step (nothing of build-env past its FROM started).
+(c) an embedding model (BertModel, in vLLM's registry as a pooling model): refused with what vLLM would
+    do with it; the registry facts the check reads (`_ModelInfo.is_text_generation_model`,
+    `is_pooling_model`, `supports_lora`) for Llama, GLM and an embedding model, from the real vLLM.
 
 No GPU here, so the server is never started. local/vllm:latest (~9 GB) is built only when
 HARNESS_BASES selects it (`make e2e-vllm`); without it this module skips.
@@ -26,7 +29,7 @@ from builder.backends.vllm import VLLM_UNSUPPORTED
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "tests" / "e2e" / "local-bases.yaml"
 VLLM_BASE = "local/vllm:latest"
-NAME, BAD_NAME, TAG = "e2evllm", "e2evllm-bad", "test"
+NAME, BAD_NAME, EMBED_NAME, TAG = "e2evllm", "e2evllm-bad", "e2evllm-embed", "test"
 IMAGE = f"{NAME}-vllm:{TAG}"
 TIMINGS: dict[str, float] = {}
 
@@ -112,6 +115,28 @@ def refused(vllm_base, tmp_path_factory) -> tuple[subprocess.CompletedProcess, s
 
 
 @pytest.fixture(scope="module")
+def refused_embedding(vllm_base, tmp_path_factory) -> tuple[subprocess.CompletedProcess, str]:
+    """An embedding model: vLLM knows BertModel, as a pooling model (no chat or completions)."""
+    model = tmp_path_factory.mktemp("bert") / "tiny-bert"
+    model.mkdir()
+    config = {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "vocab_size": 128,
+        "torch_dtype": "float32",
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (model / "model.safetensors").write_bytes(b"\0" * 64)  # never read: the build stops at the check
+    res = builder_build(model, EMBED_NAME, timeout=1200)
+    return res, build_log(EMBED_NAME)
+
+
+@pytest.fixture(scope="module")
 def built(vllm_base, demo_models, docker_cmd) -> dict:
     start = time.monotonic()
     res = builder_build(demo_models["base"], NAME, demo_models["adapter"])
@@ -136,6 +161,66 @@ def test_registry_of_the_base_matches_builders_static_table(vllm_base, docker_cm
     assert not VLLM_UNSUPPORTED & archs, (
         f"builder.backends.VLLM_UNSUPPORTED lists archs vLLM serves: {VLLM_UNSUPPORTED & archs}"
     )
+
+
+# What builder.runtime.vllm_boot reads from the real registry (ModelRegistry.models[arch].inspect_model_cls(),
+# vllm/model_executor/models/registry.py), and what it decides, for each architecture.
+REGISTRY_PROBE = """
+import json, dataclasses
+from builder.runtime import vllm_boot
+out = {}
+for arch in ("BertModel", "LlamaForCausalLM", "GlmForCausalLM", "ChatGLMModel", "Qwen2ForRewardModel"):
+    info = vllm_boot.inspect_architecture(arch, arch)
+    out[arch] = {**dataclasses.asdict(info), "refusals": vllm_boot.serving_refusals(info, lora_rank=16)}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def registry_facts(vllm_base, docker_cmd) -> dict[str, dict]:
+    """The check's functions run inside the vLLM base against its real registry (the repo's runtime code
+    mounted read-only; the registry inspects each class in a subprocess, no GPU needed)."""
+    out = docker_cmd(
+        "run", "--rm", "--network", "none", "-v", f"{REPO / 'builder'}:/opt/app/builder:ro",
+        "-e", "PYTHONPATH=/opt/app", "-e", "PYTHONDONTWRITEBYTECODE=1", "--entrypoint", "python3",
+        vllm_base, "-c", REGISTRY_PROBE, timeout=900,
+    ).stdout  # fmt: skip
+    facts = json.loads(out.strip().splitlines()[-1])
+    print("\nvLLM registry facts:", json.dumps(facts, indent=1))
+    return facts
+
+
+def test_registry_says_llama_and_glm_generate_text_and_take_lora(registry_facts):
+    for arch, cls in (
+        ("LlamaForCausalLM", "LlamaForCausalLM"),  # model_executor/models/llama.py: SupportsLoRA
+        ("GlmForCausalLM", "TransformersForCausalLM"),  # registry.py _TRANSFORMERS_SUPPORTED_MODELS
+        ("ChatGLMModel", "ChatGLMForCausalLM"),  # model_executor/models/chatglm.py: SupportsLoRA
+    ):
+        info = registry_facts[arch]
+        assert info["model_class"] == cls, info
+        assert info["is_text_generation_model"] and not info["is_pooling_model"], info
+        assert info["supports_lora"] is True, info
+        assert info["refusals"] == [], info
+
+
+def test_registry_refuses_pooling_models_with_what_vllm_would_do(registry_facts):
+    bert = registry_facts["BertModel"]
+    assert bert["model_class"] == "BertEmbeddingModel" and bert["is_pooling_model"], bert
+    (reason,) = [r for r in bert["refusals"] if "text-generation" in r]
+    assert "pooling model computing embeddings" in reason and "no /v1/chat/completions" in reason
+    reward = registry_facts["Qwen2ForRewardModel"]
+    assert reward["is_pooling_model"] and any("reward scores" in r for r in reward["refusals"]), reward
+
+
+def test_embedding_model_is_refused_by_the_build_with_its_reason(refused_embedding, docker_cmd):
+    res, log = refused_embedding
+    assert res.returncode != 0, "the build of an embedding model succeeded"
+    out = res.stdout + res.stderr
+    assert "failed in stage `arch-check`" in out, out[-3000:]
+    assert "error: vLLM 0.33.0 cannot serve BertModel: BertModel (vLLM class BertEmbeddingModel)" in log
+    assert "pooling model computing embeddings" in log and "no /v1/chat/completions" in log
+    assert not started_steps(log, "model"), "the merge stage started"
+    assert docker_cmd("image", "inspect", f"{EMBED_NAME}-vllm:{TAG}", check=False).returncode != 0
 
 
 # ---- (b) refusal ----------------------------------------------------------------------------------
@@ -187,24 +272,14 @@ def test_demo_model_passes_the_check_and_builds(built, demo_models):
 
 
 def test_serve_argv_inside_the_image(built, demo_models, docker_cmd):
-    out = docker_cmd(
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "--entrypoint",
-        "python3",
-        "-e",
-        "VLLM_EXTRA_ARGS=--max-model-len 512 --enforce-eager",
-        "-e",
-        "API_KEY=e2e-secret",
-        IMAGE,
-        "-m",
-        "builder.runtime.vllm_boot",
-        "serve",
-        "--print",
-    ).stdout
-    argv = shlex.split(out.strip().splitlines()[-1])
+    def serve_print(*env: str) -> subprocess.CompletedProcess:
+        argv = ["run", "--rm", "--network", "none", "--entrypoint", "python3"]
+        for e in env:
+            argv += ["-e", e]
+        return docker_cmd(*argv, IMAGE, "-m", "builder.runtime.vllm_boot", "serve", "--print")
+
+    res = serve_print("LLM_EXTRA_ARGS=--max-model-len 512 --enforce-eager", "API_KEY=e2e-secret")
+    argv = shlex.split(res.stdout.strip().splitlines()[-1])
     assert argv == [
         "vllm",
         "serve",
@@ -216,10 +291,29 @@ def test_serve_argv_inside_the_image(built, demo_models, docker_cmd):
         "--port",
         "8000",
         "--max-model-len",
-        "512",
+        "auto",  # the image's LLM_MAX_MODEL_LEN (spec vllm_max_model_len) ...
+        "--max-model-len",
+        "512",  # ... and LLM_EXTRA_ARGS last, which vLLM's parser lets win
         "--enforce-eager",
     ]
-    assert "e2e-secret" not in out
+    assert "e2e-secret" not in res.stdout
+    old = serve_print("VLLM_EXTRA_ARGS=--enforce-eager")  # the old name: still read, with a warning
+    assert shlex.split(old.stdout.strip().splitlines()[-1])[-1] == "--enforce-eager"
+    assert "warning: VLLM_EXTRA_ARGS is renamed LLM_EXTRA_ARGS" in old.stderr
+
+
+def test_image_env_home_and_caches(built):
+    env = dict(e.split("=", 1) for e in built["Config"]["Env"])
+    assert env["HOME"] == "/home/app" and env["VLLM_CACHE_ROOT"] == "/home/app/.cache/vllm"
+    assert env["LLM_MAX_MODEL_LEN"] == "auto" and env["LLM_MODEL_PATH"] == "/models/model"
+    assert not {k for k in env if k.startswith("VLLM_")} - {"VLLM_CACHE_ROOT", "VLLM_NO_USAGE_STATS"}
+
+
+def test_demo_model_has_a_chat_template(built):
+    log = build_log(NAME)
+    assert "warning: the model has no chat template" not in log
+    cached = re.search(r"^#(\d+) \[chat-template \d+/\d+\] RUN .*\n(?:#\1 .*\n)*?#\1 CACHED", log, flags=re.M)
+    assert "chat template: " in log or cached, "the chat-template check neither ran nor was cached"
 
 
 def test_image_contents(built, docker_cmd):
