@@ -259,6 +259,7 @@ def test_demo_model_passes_the_check_and_builds(built, demo_models):
     checked = "vLLM 0.33.0 supports GlmForCausalLM" in log
     cached = re.search(r"^#(\d+) \[arch-check \d+/\d+\] RUN .*\n(?:#\1 .*\n)*?#\1 CACHED", log, flags=re.M)
     assert checked or cached, "the architecture check neither ran nor was cached"
+    assert "could not inspect" not in log, "vLLM's registry could not inspect the demo's class: the check was skipped"
     labels = built["Config"]["Labels"]
     assert labels["io.llm-builder.backend"] == "vllm"
     assert labels["io.llm-builder.base-model"] == demo_models["base"].name
