@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from builder.backends.base import REMOTE_CODE, Backend, Healthcheck, NoOptions, http_probe
 
@@ -23,10 +24,18 @@ MAX_MODEL_LEN = r"auto|-1|[1-9][0-9]*|[0-9]+(\.[0-9]+)?[kKmMgG]"
 STARTUP_BUDGET = "1200s"
 
 
+def check_max_model_len(value: str) -> str:
+    if not re.fullmatch(MAX_MODEL_LEN, value):
+        raise ValueError(
+            f"{value!r} is not a --max-model-len: auto (or -1), a token count (4096), or one with a "
+            "k/m/g (×1000) or K/M/G (×1024) suffix (32k, 32K)"
+        )
+    return value
+
+
 class VllmOptions(NoOptions):
-    max_model_len: str = Field(
+    max_model_len: Annotated[str, AfterValidator(check_max_model_len)] = Field(
         "auto",
-        pattern=f"^({MAX_MODEL_LEN})$",
         description="vLLM's --max-model-len, the context its KV cache is sized for: auto (or -1) = the "
         "largest that fits in GPU memory, else tokens (4096, 32k, 32K); the image's LLM_MAX_MODEL_LEN",
     )
