@@ -182,26 +182,12 @@ def chat_template_source(model: Path) -> str | None:
     return None
 
 
-def vllm_fallback_template(model: Path) -> str | None:
-    """vLLM's own chat template for the model_type (a few multimodal types have one), when vLLM is here."""
-    try:
-        from vllm.transformers_utils.chat_templates.registry import get_chat_template_fallback_path
-
-        model_type = json.loads((model / "config.json").read_text()).get("model_type", "")
-        found = get_chat_template_fallback_path(model_type, str(model))
-    except Exception:  # no vLLM (host tests), or an unreadable config: no fallback known
-        return None
-    return str(found) if found else None
-
-
 def check_chat_template(model: Path) -> tuple[bool, str]:
-    """(has one, the line for the build log)."""
+    """(has one, the line for the build log). Runs in the build stage, without vLLM: vLLM's own fallback
+    templates (a few multimodal model types) are not consulted, so those get the warning too."""
     source = chat_template_source(model)
     if source:
         return True, f"chat template: {source}"
-    fallback = vllm_fallback_template(model)
-    if fallback:
-        return True, f"chat template: none in the model folder; vLLM uses its own for this model_type ({fallback})"
     return (
         False,
         f"warning: the model has no chat template (tokenizer_config.json, chat_template.jinja). {CHAT_TEMPLATE_HELP}",
