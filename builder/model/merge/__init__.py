@@ -51,12 +51,18 @@ from builder.model.tensors import Shard, TensorInfo
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
+# The entry point, and the readers that work without merging (an adapter, the base it was trained on, the
+# base's shard headers, the plan that checks an adapter against its base).
 __all__ = [
     "DTYPES",
     "PROVENANCE",
     "Adapter",
     "AdapterTensor",
     "LoraSpec",
+    "Plan",
+    "base_shards",
+    "build_plan",
+    "load_json",
     "merge_model",
     "read_adapter",
     "resolve_base",
