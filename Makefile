@@ -40,8 +40,8 @@ test: venv xinference-venv llamacpp xllamacpp ## unit and integration tests (no 
 	$(PYTEST) -q
 
 # llama-server and llama-quantize for the host tests, compiled once from the pinned llama.cpp source
-# (builder/model/gguf/llamacpp.py) into .cache/llamacpp/; rebuilt only when the pin or flags change.
-llamacpp: venv ## build llama.cpp's server and quantizer for this machine (cached under .cache/llamacpp)
+# (builder/model/gguf/llamacpp.py) into .cache/llama.cpp/; rebuilt only when the pin or flags change.
+llamacpp: venv ## build llama.cpp's server and quantizer for this machine (cached under .cache/llama.cpp)
 	$(VENV)/bin/python -m builder.model.gguf.llamacpp host
 
 wheelhouse: ## .cache/wheelhouse: the CPU torch wheel this machine kind ships, for image builds
