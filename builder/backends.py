@@ -205,7 +205,7 @@ REGISTRY: dict[str, Backend] = {
             health_path="/status",  # the server is up; the healthcheck also asks the model
             # Healthy only once the model is launched and answers a one-token chat.
             healthcheck=Healthcheck(
-                ("python3", "-m", "builder.runtime.xinference_boot", "--health"), "5s", "60s", 3, "600s"
+                ("python3", "-m", "builder.runtime.xinference", "--health"), "5s", "60s", 3, "600s"
             ),
             api_key_var="XINFERENCE_API_KEY",
             check=_check_xinference,

@@ -1,7 +1,7 @@
 """Xinference's distributed mode as compose.xinference-cluster.yaml and k8s/xinference-cluster/ run it.
 
 One place for the layout both renders share; every value reaches the containers as an environment
-variable that builder/runtime/xinference_cluster.py reads (it keeps the same defaults).
+variable that builder/runtime/xinference/cluster.py reads (it keeps the same defaults).
 """
 
 from __future__ import annotations
