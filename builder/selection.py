@@ -4,47 +4,68 @@ the model and can produce QUANT. Decisions come back with their reasons; callers
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from builder import backends
 from builder.errors import BuilderError
 from builder.spec import BuildSpec
+
+if TYPE_CHECKING:
+    from builder.model.adapter import AdapterFacts
 
 
 @dataclass
 class Selection:
     backends: list[str]  # in registry order
     skipped: dict[str, str] = field(default_factory=dict)  # BACKEND=auto: backend -> why not
+    lora: dict[str, LoraPlan] = field(default_factory=dict)  # with adapters: backend -> merged or served, and why
+    adapters: dict[str, Path] = field(default_factory=dict)  # served name -> adapter folder
 
 
 def select_backends(spec: BuildSpec, config: dict | None) -> Selection:
-    """The backends to build. A chosen backend that cannot serve the model, or cannot produce QUANT, is an
-    error that says why; `config` None (a hub model, not readable before the build) skips the model checks."""
-    if spec.backends:
-        chosen = list(spec.backends)
-        skipped: dict[str, str] = {}
-        if config is not None:
-            for name in chosen:
-                backend = backends.get(name)
-                reason = backend.check(config, spec) if backend.check_explicit else None
-                if reason:
-                    raise BuilderError(f"BACKEND={name}: {backend.title} cannot serve this model: {reason}")
-    elif config is None:
+    """The backends to build, and how each serves the adapters. A chosen backend that cannot serve the
+    model, its adapters, or QUANT is an error that says why; `config` None (a hub model, not readable before
+    the build) skips the model checks."""
+    adapters = served_adapters(spec)
+    facts = adapter_facts(spec, adapters) if config is not None else None
+    per_adapter = facts or dict.fromkeys(adapters)
+    if not spec.backends and config is None:
         raise BuilderError("BACKEND=auto needs a local model to read config.json from; for hub models pass BACKEND=...")
-    else:
-        chosen, skipped = [], {}
-        for backend in backends.REGISTRY.values():
-            reason = backend.check(config, spec) or _quant_gap(spec, backend)
-            if reason:
-                skipped[backend.name] = reason
-            else:
-                chosen.append(backend.name)
-        if not chosen:
-            raise BuilderError(
-                "no backend serves this model:\n  " + "\n  ".join(f"{k}: {v}" for k, v in skipped.items())
-            )
+    chosen, skipped, lora = [], {}, {}
+    for backend in backends.REGISTRY.values():
+        if spec.backends and backend.name not in spec.backends:
+            continue
+        explicit = bool(spec.backends)
+        reason = None
+        if config is not None and (backend.check_explicit or not explicit):
+            reason = backend.check(config, spec)
+        plan = plan_lora(spec, backend, per_adapter) if adapters else None
+        if reason is None and isinstance(plan, str):
+            reason = plan
+            if explicit:
+                reason += _adapter_hint(spec, per_adapter)
+        if reason is None and not explicit:
+            reason = _quant_gap(spec, backend)
+        if reason and explicit:
+            raise BuilderError(f"BACKEND={backend.name}: {backend.title} cannot serve this model: {reason}")
+        if reason:
+            skipped[backend.name] = reason
+            continue
+        chosen.append(backend.name)
+        if isinstance(plan, LoraPlan):
+            lora[backend.name] = plan
+    if not chosen:
+        raise BuilderError("no backend serves this model:\n  " + "\n  ".join(f"{k}: {v}" for k, v in skipped.items()))
     for name in chosen:
         _check_quant(spec, backends.get(name))
-    return Selection([name for name in backends.NAMES if name in chosen], skipped)
+    return Selection(chosen, skipped, lora, adapters)
+
+
+def _adapter_hint(spec: BuildSpec, facts: dict[str, AdapterFacts | None]) -> str:
+    """Which backends would serve these adapters unmerged."""
+    able = [b.name for b in backends.REGISTRY.values() if isinstance(plan_lora(spec, b, facts), LoraPlan)]
+    return f"; BACKEND={','.join(able)} can serve them" if able else "; no backend can serve them unmerged yet"
 
 
 def _quant_gap(spec: BuildSpec, backend: backends.Backend) -> str | None:
@@ -75,3 +96,52 @@ def chosen_backends(spec: BuildSpec) -> list[str]:
         if config is not None:
             return select_backends(spec, config).backends
     return list(backends.NAMES)
+
+
+# -- adapters: merged, or served unmerged -------------------------------------------------------------
+
+
+@dataclass
+class LoraPlan:
+    mode: str  # "merge" (the one adapter merged into the weights) or "serve" (adapters unmerged)
+    reason: str
+
+
+def served_adapters(spec: BuildSpec) -> dict[str, Path]:
+    """The adapters a build serves, by served name: the named ones; a SWIFT run folder's checkpoints
+    (checkpoint-N, and `best`); or the one ADAPTER, under the model's served name (it is the fine-tune)."""
+    if spec.adapters:
+        return dict(spec.adapters)
+    if spec.adapter is None:
+        return {}
+    if spec.adapter.is_dir() and not (spec.adapter / "adapter_config.json").is_file():
+        from builder.model.adapter import run_checkpoints
+
+        checkpoints = run_checkpoints(spec.adapter)
+        if checkpoints:
+            return checkpoints
+    return {spec.served_model_name or "model": spec.adapter}
+
+
+def adapter_facts(spec: BuildSpec, adapters: dict[str, Path]) -> dict[str, AdapterFacts] | None:
+    """Each adapter read on the build's base (a local MODEL), before any heavy step; None for a hub model,
+    whose weights the host cannot read (the build stage checks again)."""
+    if not adapters or spec.model_source != "local":
+        return None
+    from builder.model.adapter import read_adapter
+
+    return {name: read_adapter(path, Path(spec.model)) for name, path in adapters.items()}
+
+
+def plan_lora(spec: BuildSpec, backend: backends.Backend, facts: dict[str, AdapterFacts | None]) -> LoraPlan | str:
+    """How `backend` serves the adapters: a LoraPlan, or (a string) why it cannot serve them at all."""
+    problems = [f"{name}: {p}" for name, f in facts.items() if f is not None for p in backend.adapter_problems(f)]
+    if not backend.serves_adapters:
+        problems = [f"{backend.title} serves merged weights only"]
+    if spec.lora_mode != "merge" and not problems:
+        return LoraPlan("serve", f"{len(facts)} adapter(s) unmerged over one base")
+    if spec.lora_mode == "serve":
+        return "LORA=serve, but " + "; ".join(problems)
+    if len(facts) > 1:
+        return f"it merges one adapter and {len(facts)} are given ({'; '.join(problems)})"
+    return LoraPlan("merge", "LORA=merge" if spec.lora_mode == "merge" else "merged: " + "; ".join(problems))

@@ -167,7 +167,7 @@ def _runtime_tree(tmp_path: Path, backend: str) -> Path:
         ),
         (
             "xinference",
-            ["builder.runtime.xinference_boot", "builder.runtime.xinference_cluster", "builder.runtime.smoke"],
+            ["builder.runtime.xinference.__main__", "builder.runtime.xinference.cluster", "builder.runtime.smoke"],
         ),
         ("vllm", ["builder.runtime.vllm_boot", "builder.runtime.smoke"]),
     ],

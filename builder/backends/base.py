@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
+    from builder.model.adapter import AdapterFacts
     from builder.spec import BuildSpec
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "image" / "templates"
@@ -100,6 +101,7 @@ class Backend:
     template_values: dict[str, str] = field(default_factory=dict)  # pins its template reads (e.g. a wheel version)
     topologies: tuple[Topology, ...] = ()
     demo: Optional[DemoBases] = None  # built and asked by `make demo`, on these bases
+    serves_adapters: bool = False  # serves LoRA adapters unmerged (each a small layer over one base)
     template_dir: Path = TEMPLATES
 
     @property
@@ -135,6 +137,10 @@ class Backend:
     def smoke_gaps(self, spec: BuildSpec) -> frozenset[str]:
         """The smoke checks this build cannot pass (written to .env as <BACKEND>_SMOKE_SKIP)."""
         return frozenset()
+
+    def adapter_problems(self, facts: AdapterFacts) -> list[str]:
+        """Why it cannot serve this adapter unmerged (empty: it can), each saying what to do instead."""
+        return [] if self.serves_adapters else [f"{self.title} serves merged weights only"]
 
     # -- derived --------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ class XinferenceOptions(NoOptions):
 class XinferenceCluster:
     """Xinference's distributed mode as compose.xinference-cluster.yaml and k8s/xinference-cluster/ run it.
     Every value reaches the containers as an environment variable that the image's cluster role reads
-    (builder/runtime/xinference_cluster.py, which keeps the same defaults)."""
+    (builder/runtime/xinference/cluster.py, which keeps the same defaults)."""
 
     workers: int = 2
     replicas: int = 2  # of the model; the supervisor waits for `workers` and Xinference puts one on each
@@ -92,12 +92,12 @@ BACKEND = XinferenceBackend(
     port=9997,
     health_path="/status",  # the server is up; the healthcheck also asks the model
     # Healthy only once the model is launched and answers a one-token chat.
-    healthcheck=Healthcheck(("python3", "-m", "builder.runtime.xinference_boot", "--health"), "5s", "60s", 3, "600s"),
+    healthcheck=Healthcheck(("python3", "-m", "builder.runtime.xinference", "--health"), "5s", "60s", 3, "600s"),
     api_key_var="XINFERENCE_API_KEY",
     cache_volume="/home/app/.cache",
     stop_grace_period="30s",
     options=XinferenceOptions,
-    runtime_modules=("xinference_boot.py", "xinference_cluster.py"),
+    runtime_modules=("xinference",),
     template_values={"xllamacpp_version": XLLAMACPP_VERSION},
     topologies=(
         Topology(

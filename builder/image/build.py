@@ -26,7 +26,7 @@ from builder import __version__, backends
 from builder.files import write_atomic
 from builder.image.docker import Docker
 from builder.image.render import render_all
-from builder.selection import select_backends
+from builder.selection import Selection, select_backends
 from builder.spec import BuildSpec, read_model_config
 
 PACKAGE = Path(__file__).resolve().parents[1]  # builder/, copied whole into the build context
@@ -62,8 +62,8 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def prepare_context(spec: BuildSpec, root: Path) -> Path:
-    """A minimal build context: builder's code, the model (local only), the adapter, wheels.
+def prepare_context(spec: BuildSpec, root: Path, adapter: Path | None = None) -> Path:
+    """A minimal build context: builder's code, the model (local only), the adapter to merge, wheels.
 
     Weights are hard-linked where the filesystem allows, so even a 70B folder costs no copy.
     """
@@ -74,7 +74,7 @@ def prepare_context(spec: BuildSpec, root: Path) -> Path:
     shutil.copytree(PACKAGE, ctx / "src" / "builder", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name, source in (
         ("model", Path(spec.model) if spec.model_source == "local" else None),
-        ("adapter", spec.adapter),
+        ("adapter", adapter),
         ("wheels", spec.wheelhouse),
     ):
         if source is None:
@@ -98,7 +98,7 @@ def build_secrets(spec: BuildSpec) -> Iterator[dict[str, Path]]:
         yield found
 
 
-def build_args(spec: BuildSpec, backend: str) -> dict[str, str]:
+def build_args(spec: BuildSpec, backend: str, adapter: Path | None = None) -> dict[str, str]:
     record = backends.get(backend)
     source = spec.model_source
     return {
@@ -112,11 +112,19 @@ def build_args(spec: BuildSpec, backend: str) -> dict[str, str]:
         "QUANT": spec.quant if record.quant_types(spec) else "",
         "SERVED_MODEL_NAME": spec.served_model_name or "model",
         "BASE_MODEL": spec.model if source != "local" else Path(spec.model).resolve().name,
-        "ADAPTER_DIGEST": digest_dir(spec.adapter),
+        "ADAPTER_DIGEST": digest_dir(adapter),
         "BUILDER_VERSION": __version__,
         "SOURCE_REVISION": _git_revision(),
         "TRUST_REMOTE_CODE": "1" if spec.trust_remote_code else "0",
     }
+
+
+def merged_adapter(selection: Selection) -> Path | None:
+    """The one adapter the merging backends bake into their weights (None: no adapter)."""
+    if not any(plan.mode == "merge" for plan in selection.lora.values()):
+        return None
+    (path,) = selection.adapters.values()  # selection refuses merging several
+    return path
 
 
 def _git_revision() -> str:
@@ -156,15 +164,16 @@ def build(
     for name, reason in selection.skipped.items():
         console.print(f"[yellow]BACKEND=auto skips[/] {name}: {reason}")
     chosen = selection.backends
+    merged = merged_adapter(selection)
     docker = docker or Docker.detect()
     docker.require_engine()
     root = workdir / spec.name
     render_all(spec, root)
     console.print(
         f"[bold]building[/] {', '.join(chosen)} for [cyan]{spec.model}[/]"
-        + (f" + adapter [cyan]{spec.adapter}[/]" if spec.adapter else "")
+        + (f" + adapter [cyan]{merged}[/]" if merged else "")
     )
-    ctx = prepare_context(spec, root)
+    ctx = prepare_context(spec, root, merged)
     built: list[Built] = []
     with build_secrets(spec) as secret_files:
         for backend in chosen:
@@ -180,7 +189,7 @@ def build(
                     ctx,
                     root / f"Dockerfile.{backend}",
                     image,
-                    build_args(spec, backend),
+                    build_args(spec, backend, merged),
                     secret_files,
                     log=root / "logs" / f"{backend}.log",
                     on_line=show,

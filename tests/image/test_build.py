@@ -44,8 +44,9 @@ def test_context_is_minimal_and_links_weights(tmp_path: Path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     spec = BuildSpec(model=str(model), adapter=adapter)
-    ctx = prepare_context(spec, tmp_path / "build")
+    ctx = prepare_context(spec, tmp_path / "build", adapter)
     assert sorted(p.name for p in ctx.iterdir()) == [".dockerignore", "adapter", "model", "src", "wheels"]
+    assert (ctx / "adapter" / "adapter_config.json").is_file()
     assert (ctx / "src" / "builder" / "__main__.py").is_file()
     assert not list((ctx / "src").rglob("__pycache__"))
     assert os.stat(ctx / "model" / "model.safetensors").st_ino == os.stat(model / "model.safetensors").st_ino
@@ -57,6 +58,9 @@ def test_build_args_carry_per_model_values(tmp_path: Path):
     spec = BuildSpec(model=str(model), quant="q8_0", served_model_name="demo")
     args = build_args(spec, "chatglmcpp")
     assert args["MODEL_SOURCE"] == "local" and args["MODEL_ID"] == "" and args["QUANT"] == "q8_0"
+    assert args["ADAPTER_DIGEST"] == "" and build_args(spec, "chatglmcpp", model)["ADAPTER_DIGEST"].startswith(
+        "sha256:"
+    )
     assert args["RUNTIME_BASE"] == spec.base_images.chatglmcpp and args["SERVED_MODEL_NAME"] == "demo"
     hub = build_args(BuildSpec(model="THUDM/glm-4-9b-chat-hf", revision="v1"), "vllm")
     assert (hub["MODEL_SOURCE"], hub["MODEL_ID"], hub["MODEL_REVISION"]) == (

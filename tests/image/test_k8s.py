@@ -26,8 +26,8 @@ from builder import backends
 from builder.backends.xinference import BACKEND as XINFERENCE
 from builder.image import k8s, push
 from builder.image.render import HOME, UID, render_text
-from builder.runtime import xinference_boot as xb
-from builder.runtime import xinference_cluster as xc
+from builder.runtime.xinference.cluster import ClusterConfig, parse_cluster
+from builder.runtime.xinference.config import parse_args
 from builder.spec import BuildSpec
 
 CLUSTER = XINFERENCE.topologies[0].settings
@@ -329,9 +329,9 @@ def _resolve(env: list[dict], pod_name: str) -> dict[str, str]:
     return values
 
 
-def _cluster_config(env: dict[str, str]) -> xc.ClusterConfig:
-    cfg, _ = xb.parse_args([], env)
-    return xc.parse_cluster(cfg, env)
+def _cluster_config(env: dict[str, str]) -> ClusterConfig:
+    cfg, _ = parse_args([], env)
+    return parse_cluster(cfg, env)
 
 
 def test_cluster_manifests_match_the_runtime_roles(default_render):
