@@ -23,6 +23,7 @@ from builder.errors import BuilderError
 # public names can replace them in one place.
 from builder.model.merge import _base_files as base_shards
 from builder.model.merge import _build_plan as adapter_plan
+from builder.model.merge import _load_adapter_tensors as adapter_tensors
 from builder.model.merge import _load_json as load_json
 from builder.model.merge import _resolve_base as resolve_base
 
@@ -61,6 +62,7 @@ class AdapterFacts:
     alpha_pattern: bool
     modules: tuple[ModuleLora, ...]  # every module that carries LoRA A/B
     saved_tensors: tuple[str, ...]  # full tensors that replace the base's (modules_to_save, bias="all" ...)
+    frozen_copies: tuple[str, ...]  # base weights peft saves beside an embedding / lm_head LoRA, unchanged
     base_has_lm_head: bool  # False: the output layer is tied to the input embeddings
     new_vocab: int | None  # the adapter resizes the vocabulary (added tokens)
     tokenizer_changes: tuple[str, ...]  # what the adapter folder changes of the base's tokenizer / template
@@ -81,7 +83,8 @@ class AdapterFacts:
         return tuple(sorted({t.rsplit(".", 1)[0] for t in self.saved_tensors}))
 
     def _touches(self, leaves: frozenset[str]) -> bool:
-        names = [m.name for m in self.modules] + [t.rsplit(".", 1)[0] for t in self.saved_tensors]
+        saved = (*self.saved_tensors, *self.frozen_copies)
+        names = [m.name for m in self.modules] + [t.rsplit(".", 1)[0] for t in saved]
         return any(n.rsplit(".", 1)[-1] in leaves for n in names)
 
     @property
@@ -131,6 +134,11 @@ def read_adapter(adapter: Path, base: Path | None = None) -> AdapterFacts:
         ModuleLora(lm.name, lm.kind, lm.r, lm.scale) for lm in sorted(plan.modules.values(), key=lambda m: m.name)
     )
     weights = next(adapter / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (adapter / n).is_file())
+    # peft saves the (frozen) base_layer of a LoRA'd embedding / lm_head with the adapter
+    # (save_embedding_layers): same shape as the base's, it is the base's own weight, not a replacement.
+    copies = {k.split("base_model.model.", 1)[-1].replace(".base_layer.", ".") for k in adapter_tensors(weights)
+              if ".base_layer." in k}  # fmt: skip
+    frozen = {k for k in copies & set(plan.replace) if tuple(plan.replace[k].shape) == base_tensors[k].shape}
     return AdapterFacts(
         adapter=adapter,
         base=base,
@@ -144,7 +152,8 @@ def read_adapter(adapter: Path, base: Path | None = None) -> AdapterFacts:
         rank_pattern=bool(cfg.rank_pattern),
         alpha_pattern=bool(cfg.alpha_pattern),
         modules=modules,
-        saved_tensors=tuple(sorted(plan.replace)),
+        saved_tensors=tuple(sorted(set(plan.replace) - frozen)),
+        frozen_copies=tuple(sorted(frozen)),
         base_has_lm_head=any(re.search(r"(^|\.)(lm_head|output_layer|embed_out)\.weight$", k) for k in base_tensors),
         new_vocab=plan.new_vocab,
         tokenizer_changes=tokenizer_changes(adapter, base),

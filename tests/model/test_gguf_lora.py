@@ -35,6 +35,8 @@ ADAPTERS = {
     "swift": {"r": 4, "lora_alpha": 32, "seed": 2},
     "rslora": {"r": 16, "lora_alpha": 4, "use_rslora": True, "seed": 3},
     "patterns": {"r": 4, "lora_alpha": 8, "rank_pattern": {"v_proj": 8}, "alpha_pattern": {"o_proj": 32}, "seed": 4},
+    # LoRA on the token embeddings and the (untied) lm_head: peft saves their frozen base weights beside
+    "embed_head": {"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj", "embed_tokens", "lm_head"]},
 }
 # Every architecture gets a peft adapter and a SWIFT checkpoint; the scale conversions (the same code
 # whatever the architecture) are proven on Llama only, to keep the conversions few.
@@ -91,12 +93,12 @@ def family(tmp_path_factory, request):
     gguf = convert_gguf(base, "f16", root / "base-f16.gguf", quiet=True).path
     adapters, ggufs = {}, {}
     for name in FAMILY_ADAPTERS[arch]:
-        kw = dict(ADAPTERS[name])
+        kw = {"target_modules": "all-linear", **ADAPTERS[name]}
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         if name == "swift":
-            adapters[name] = make_swift_checkpoint(model, base, root / "output" / "v0-20250101", target_modules="all-linear", **kw)  # fmt: skip
+            adapters[name] = make_swift_checkpoint(model, base, root / "output" / "v0-20250101", **kw)
         else:
-            adapters[name] = make_adapter(model, root / name, base_path=str(base), target_modules="all-linear", **kw)
+            adapters[name] = make_adapter(model, root / name, base_path=str(base), **kw)
         ggufs[name] = convert_lora(adapters[name], None, root / f"{name}.gguf", quiet=True).path
     return {"arch": arch, "root": root, "base": base, "gguf": gguf, "adapters": adapters, "ggufs": ggufs}
 
@@ -173,6 +175,19 @@ def test_facts_of_a_plain_adapter(tiny_llama, tmp_path):
     assert (facts.max_rank, facts.use_dora, facts.use_rslora, facts.saved_tensors) == (8, False, False, ())
     assert not facts.embeddings_targeted and not facts.lm_head_targeted and facts.uniform_scale
     assert llamacpp_problems(facts) == []
+
+
+def test_embedding_and_lm_head_lora_facts(tiny_llama, tmp_path):
+    """peft saves the frozen embedding / lm_head weights beside their LoRA: copies, not replacements (llama.cpp
+    serves it; vLLM's check still says no); a resized vocabulary makes them real replacements."""
+    from builder.model.adapter import vllm_problems
+
+    ad = _adapter(tiny_llama, tmp_path / "ad", target_modules=["q_proj", "embed_tokens", "lm_head"])
+    facts = read_adapter(ad)
+    assert facts.frozen_copies == ("lm_head.weight", "model.embed_tokens.weight") and facts.saved_tensors == ()
+    assert facts.embeddings_targeted and facts.lm_head_targeted
+    assert llamacpp_problems(facts) == []
+    assert any("embeddings / lm_head" in p for p in vllm_problems(facts))
 
 
 @pytest.mark.parametrize(

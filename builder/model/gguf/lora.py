@@ -42,9 +42,12 @@ def llamacpp_problems(facts: AdapterFacts) -> list[str]:
     """Why llama.cpp cannot serve this adapter unmerged (empty: it can), each with what to do instead.
 
     Checked in the pinned source: convert_lora_to_gguf.py's get_tensors exits on any tensor that is not a
-    lora_A/lora_B (DoRA magnitudes, LoRA biases, saved full modules) except norms, and llama.cpp then
-    skips those norms at load (llama-adapter.cpp: "_norm.weight" -> continue), so a saved norm would be
-    silently lost; modify_tensors raises for lm_head LoRA on a base whose lm_head is tied."""
+    lora_A/lora_B (DoRA magnitudes, LoRA biases, saved full modules) except norms and `.base_layer.weight`
+    (the frozen copies peft saves beside an embedding / lm_head LoRA: skipped, which is right as long as
+    they are the base's own: facts.frozen_copies), and llama.cpp then skips those norms at load
+    (llama-adapter.cpp: "_norm.weight" -> continue), so a saved norm would be silently lost;
+    modify_tensors raises for lm_head LoRA on a base whose lm_head is tied. LoRA on the embeddings
+    (lora_embedding_A/B) and on an untied lm_head is served (tested against peft)."""
     from builder.model.gguf.convert import check_supported  # lazily: convert.py imports builder.backends
 
     out = []
