@@ -251,3 +251,21 @@ def test_swift_layouts_find_the_base_and_list_checkpoints(tiny_llama, tmp_path):
                                     "best": run / "checkpoint-10"}  # fmt: skip
     with pytest.raises(BuilderError, match="training run: pass one of its checkpoints"):
         read_adapter(run)
+
+
+def test_no_code_from_the_base_folder_runs(tiny_llama, tmp_path):
+    """A base whose config points at its own code (auto_map, a model_type transformers does not know): the
+    converter reads config.json, never the folder's Python, and the LoRA still converts."""
+    base = tmp_path / "remote-base"
+    base.mkdir()
+    for f in tiny_llama.iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    marker = tmp_path / "remote-code-ran"
+    (base / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.update(model_type="custom_llama", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
+    (base / "config.json").write_text(json.dumps(cfg))
+    ad = _adapter(tiny_llama, tmp_path / "ad", target_modules=["q_proj"])
+    out = convert_lora(ad, base, tmp_path / "ad.gguf", quiet=True)
+    assert not marker.exists()
+    assert read_gguf(out.path).metadata["general.architecture"] == "llama" and out.tensors == 4
