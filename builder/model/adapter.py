@@ -18,14 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import BuilderError
-
-# The merge's readers (builder/model/merge.py). Kept to this one import so that the merge package's
-# public names can replace them in one place.
-from builder.model.merge import _base_files as base_shards
-from builder.model.merge import _build_plan as adapter_plan
-from builder.model.merge import _load_adapter_tensors as adapter_tensors
-from builder.model.merge import _load_json as load_json
-from builder.model.merge import _resolve_base as resolve_base
+from builder.model import merge  # its readers: the facts are what the merge would check
 
 # Leaf module names of vocabulary-shaped matrices (the merge's VOCAB_MATRIX): the input side ...
 EMBEDDING_MODULES = frozenset({"embed_tokens", "word_embeddings", "wte"})
@@ -120,23 +113,23 @@ def read_adapter(adapter: Path, base: Path | None = None) -> AdapterFacts:
     """The facts of the LoRA adapter in `adapter` on `base` (default: the base it names, found as the
     merge finds it: adapter_config.json's base_model_name_or_path, else SWIFT's args.json / sft_args.json)."""
     adapter = adapter_folder(adapter)
-    raw = load_json(adapter / "adapter_config.json")
-    base = Path(base) if base is not None else resolve_base(adapter, raw)
+    raw = merge.load_json(adapter / "adapter_config.json")
+    base = Path(base) if base is not None else merge.resolve_base(adapter, raw)
     if not (base / "config.json").is_file():
         raise BuilderError(f"base model folder {base} has no config.json; pass the folder from_pretrained loads")
-    config = load_json(base / "config.json")
+    config = merge.load_json(base / "config.json")
     base_tensors = {}
-    for shard in base_shards(base):
+    for shard in merge.base_shards(base):
         base_tensors.update(shard.tensors)
-    plan = adapter_plan(base_tensors, config, adapter, "auto")  # raises what the merge would refuse
+    lora = merge.read_adapter(adapter)
+    plan = merge.build_plan(base_tensors, config, adapter, "auto")  # raises what the merge would refuse
     cfg = plan.lora_config
     modules = tuple(
         ModuleLora(lm.name, lm.kind, lm.r, lm.scale) for lm in sorted(plan.modules.values(), key=lambda m: m.name)
     )
-    weights = next(adapter / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (adapter / n).is_file())
     # peft saves the (frozen) base_layer of a LoRA'd embedding / lm_head with the adapter
     # (save_embedding_layers): same shape as the base's, it is the base's own weight, not a replacement.
-    copies = {k.split("base_model.model.", 1)[-1].replace(".base_layer.", ".") for k in adapter_tensors(weights)
+    copies = {k.split("base_model.model.", 1)[-1].replace(".base_layer.", ".") for k in lora.tensors
               if ".base_layer." in k}  # fmt: skip
     frozen = {k for k in copies & set(plan.replace) if tuple(plan.replace[k].shape) == base_tensors[k].shape}
     return AdapterFacts(
@@ -157,7 +150,7 @@ def read_adapter(adapter: Path, base: Path | None = None) -> AdapterFacts:
         base_has_lm_head=any(re.search(r"(^|\.)(lm_head|output_layer|embed_out)\.weight$", k) for k in base_tensors),
         new_vocab=plan.new_vocab,
         tokenizer_changes=tokenizer_changes(adapter, base),
-        size_bytes=weights.stat().st_size,
+        size_bytes=lora.weights_file.stat().st_size,
     )
 
 
@@ -170,7 +163,7 @@ def _chat_template(folder: Path) -> str | None:
             text = (folder / name).read_text(encoding="utf-8")
             return json.loads(text).get("chat_template") if name.endswith(".json") else text
     if (folder / "tokenizer_config.json").is_file():
-        return load_json(folder / "tokenizer_config.json").get("chat_template")
+        return merge.load_json(folder / "tokenizer_config.json").get("chat_template")
     return None
 
 
@@ -180,22 +173,22 @@ def _added_tokens(folder: Path) -> set[tuple[int, str]] | None:
     seen = False
     if (folder / "tokenizer.json").is_file():
         seen = True
-        for t in load_json(folder / "tokenizer.json").get("added_tokens") or []:
+        for t in merge.load_json(folder / "tokenizer.json").get("added_tokens") or []:
             found.add((int(t.get("id", -1)), str(t.get("content"))))
     if (folder / "tokenizer_config.json").is_file():
-        decoder = load_json(folder / "tokenizer_config.json").get("added_tokens_decoder")
+        decoder = merge.load_json(folder / "tokenizer_config.json").get("added_tokens_decoder")
         if isinstance(decoder, dict):
             seen = True
             found |= {(int(i), str(t.get("content"))) for i, t in decoder.items() if isinstance(t, dict)}
     if (folder / "added_tokens.json").is_file():
         seen = True
-        found |= {(int(i), str(text)) for text, i in load_json(folder / "added_tokens.json").items()}
+        found |= {(int(i), str(text)) for text, i in merge.load_json(folder / "added_tokens.json").items()}
     return found if seen else None
 
 
 def tokenizer_changes(adapter: Path, base: Path) -> tuple[str, ...]:
     """What the adapter folder's tokenizer files change of the base's: a merge copies them over the base's
-    (merge.TOKENIZER_FILE), an unmerged engine serves the base's tokenizer and template. Files the
+    (merge/folders.py TOKENIZER_FILE), an unmerged engine serves the base's tokenizer and template. Files the
     adapter merely repeats (SWIFT saves the base's tokenizer into every checkpoint) change nothing."""
     changes = []
     template = _chat_template(adapter)
@@ -264,7 +257,7 @@ def run_checkpoints(run: Path) -> dict[str, Path]:
     for folder in [*reversed(ckpts), run]:
         state = folder / "trainer_state.json"
         if state.is_file():
-            best = load_json(state).get("best_model_checkpoint")
+            best = merge.load_json(state).get("best_model_checkpoint")
             if isinstance(best, str) and Path(best).name in out:
                 out["best"] = out[Path(best).name]
             break
