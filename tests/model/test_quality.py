@@ -1,0 +1,204 @@
+"""The quality step (builder/model/quality): reading llama-perplexity's real output, the data formats
+eval prompts and calibration text come in, the report and its threshold; and, slow, the whole step
+on a tiny model, and on a real trained model from PyPI with a LoRA trained here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from builder.errors import BuilderError
+from builder.model.quality import greedy, kld, prompts
+from builder.model.quality.report import QualityEntry, check_threshold, read_report, summary, write_report
+
+FIXTURES = Path(__file__).with_name("fixtures")
+
+
+# -- llama-perplexity's output ---------------------------------------------------------------------
+
+
+def test_parse_kl_output_of_the_real_tool():
+    """A log captured from the pinned llama-perplexity --kl-divergence (SmolLM2-135M, q4_0 vs f16)."""
+    stats = kld.parse_kl_output((FIXTURES / "kl-divergence-q4_0.log").read_text(encoding="utf-8"))
+    expected = json.loads((FIXTURES / "kl-divergence-q4_0.expected.json").read_text())
+    assert stats.as_dict() == pytest.approx(expected)
+    assert 0 < stats.top1_agreement < 1
+    assert stats.kl_p99 > stats.kl_mean > 0
+    assert stats.ppl_ratio == pytest.approx(stats.ppl / stats.ppl_base, rel=0.02)
+
+
+def test_parse_base_output_of_the_real_tool():
+    text = (FIXTURES / "kl-base-f16.log").read_text(encoding="utf-8")
+    assert kld.parse_base_output(text) == pytest.approx(json.loads((FIXTURES / "kl-divergence-q4_0.expected.json").read_text())["ppl_base"], rel=0.01)
+
+
+def test_parse_kl_output_names_what_is_missing_and_why():
+    log = (
+        "kl_divergence: computing over 1 chunks, n_ctx=512, batch_size=512, n_seq=1\n"
+        "kl_divergence: failed reading log-probs for chunk 0\n"
+    )
+    with pytest.raises(BuilderError) as e:
+        kld.parse_kl_output(log)
+    assert "kl_mean" in str(e.value) and "failed reading log-probs" in str(e.value)
+
+
+def test_parse_base_output_refuses_nan_and_missing():
+    with pytest.raises(BuilderError, match="NaN or inf"):
+        kld.parse_base_output("[1]nan,[2]nan,\nFinal estimate: PPL = nan +/- nan\n")
+    with pytest.raises(BuilderError, match="you need at least 1024 tokens"):
+        kld.parse_base_output("perplexity: you need at least 1024 tokens to evaluate perplexity with a context of 512\n")
+
+
+# -- data formats ------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+SYSTEM = "You are terse."
+FORMATS = {
+    "messages": {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]},
+    "sharegpt": {"system": SYSTEM, "conversations": [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"}]},
+    "swift-sharegpt": {"system": SYSTEM, "conversation": [{"human": "Q1", "assistant": "A1"}]},
+    "query-response": {"system": SYSTEM, "query": "Q1", "response": "A1"},
+    "alpaca": {"system": SYSTEM, "instruction": "Q1", "input": "", "output": "A1"},
+    "prompt-completion": {"system": SYSTEM, "prompt": "Q1", "completion": "A1"},
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_gives_the_same_eval_prompt(tmp_path, fmt):
+    [p] = prompts.load_eval(write_jsonl(tmp_path / "eval.jsonl", [FORMATS[fmt]]))
+    assert p.messages == ({"role": "system", "content": SYSTEM}, {"role": "user", "content": "Q1"})
+    assert p.expected == "A1"
+
+
+def test_history_and_multi_turn_keep_the_earlier_turns(tmp_path):
+    path = write_jsonl(
+        tmp_path / "eval.jsonl",
+        [
+            {"query": "Q2", "response": "A2", "history": [["Q1", "A1"]]},
+            {"conversation": [{"human": "Q1", "assistant": "A1"}, {"human": "Q2", "assistant": "A2"}]},
+            {"messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]},
+        ],
+    )
+    turns = ({"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"})
+    got = prompts.load_eval(path)
+    assert [p.messages for p in got] == [turns] * 3
+    assert [p.expected for p in got] == ["A2", "A2", None]
+
+
+def test_explicit_expected_multimodal_text_and_json_list(tmp_path):
+    records = [
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]}], "expected": "hi"},
+        {"text": "plain text is calibration data, not a question"},
+    ]
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(records))
+    [p] = prompts.load_eval(path)
+    assert p.question == "Say hi" and p.expected == "hi"
+
+
+def test_bad_eval_files_say_where(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\n{not json}\n')
+    with pytest.raises(BuilderError, match="line 2 is not JSON"):
+        prompts.load_eval(bad)
+    write_jsonl(bad, [{"foo": 1}])
+    with pytest.raises(BuilderError, match="record 1: none of messages"):
+        prompts.load_eval(bad)
+    write_jsonl(bad, [{"text": "no question here"}])
+    with pytest.raises(BuilderError, match="no record with a user message"):
+        prompts.load_eval(bad)
+
+
+def test_no_eval_file_means_the_builtin_prompts():
+    got = prompts.load_eval(None)
+    assert len(got) >= 5 and all(p.messages[-1]["role"] == "user" for p in got)
+
+
+def test_calibration_text_renders_data_and_keeps_text_files(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [FORMATS["alpaca"], {"text": "raw line"}])
+    assert prompts.calibration_text(path) == f"system: {SYSTEM}\nuser: Q1\nassistant: A1\n\nraw line"
+    txt = tmp_path / "notes.txt"
+    txt.write_text("just text\n")
+    assert prompts.calibration_text(txt) == "just text\n"
+
+
+def test_builtin_text_is_long_enough_for_eight_chunks():
+    # 8 chunks of 512 tokens; English runs ~4.2 characters a token with Llama/Qwen/GLM vocabularies.
+    assert len(prompts.builtin_text()) > 4.2 * 512 * 8
+
+
+# -- answers ---------------------------------------------------------------------------------------
+
+
+def test_first_difference():
+    assert greedy.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert greedy.first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert greedy.first_difference([1, 2], [1, 2, 3]) == 2
+    assert greedy.first_difference([], [7]) == 0
+
+
+def test_expected_found_ignores_case_and_spacing():
+    assert greedy.expected_found("The capital is  PARIS.", "paris")
+    assert greedy.expected_found("no idea", "Paris") is False
+    assert greedy.expected_found("anything", None) is None
+
+
+# -- report and threshold --------------------------------------------------------------------------
+
+
+def entry(quant: str, top1: float, kl: float, size: int, backend: str = "llamacpp", **kw) -> QualityEntry:
+    base = dict(
+        backend=backend, quant=quant, artifact=f"model-{quant}.gguf", size_bytes=size, kl_mean=kl, kl_p99=kl * 6,
+        kl_max=kl * 20, top1_agreement=top1, ppl=10.0, ppl_base=9.9, ppl_ratio=1.01, kl_chunks=8, eval_same=5,
+        eval_total=6, eval_expected_found=4, decode_tokens_per_s=50.0, reference="reference-f16.gguf",
+        reference_size_bytes=270_000_000, reference_decode_tokens_per_s=30.0, reference_expected_found=4,
+        tool_version="llama.cpp 0c1e570", text="built-in sample",
+    )  # fmt: skip
+    base.update(kw)
+    return QualityEntry(**base)
+
+
+ENTRIES = [entry("q8_0", 0.953, 0.0101, 145_000_000), entry("q4_k_m", 0.804, 0.154, 105_000_000), entry("q4_0", 0.584, 0.819, 92_000_000)]
+
+
+def test_threshold_names_metric_value_and_a_type_that_passes():
+    with pytest.raises(BuilderError) as e:
+        check_threshold(ENTRIES, 0.9)
+    msg = str(e.value)
+    assert "q4_0: top-1 agreement 0.584 is below QUALITY_MIN_TOP1=0.9" in msg
+    assert "q4_k_m: top-1 agreement 0.804" in msg
+    assert "q8_0 passes (top-1 agreement 0.953, 145 MB)" in msg
+    assert "q8_0: top-1" not in msg
+
+
+def test_threshold_picks_the_smallest_passing_type_and_says_when_none_passes():
+    with pytest.raises(BuilderError, match=r"q4_0: top-1 agreement 0.584 is below QUALITY_MIN_TOP1=0.75.*q4_k_m passes"):
+        check_threshold(ENTRIES, 0.75)
+    with pytest.raises(BuilderError, match="no measured type passes: try q8_0, or f16/bf16"):
+        check_threshold(ENTRIES, 0.99)
+    check_threshold(ENTRIES, 0.5)
+    check_threshold(ENTRIES, None)
+
+
+def test_eval_threshold():
+    with pytest.raises(BuilderError, match=r"q8_0: eval answers the same as the reference on 5/6 prompts, below"):
+        check_threshold(ENTRIES[:1], None, min_eval_same=1.0)
+
+
+def test_report_round_trips_and_summarises(tmp_path):
+    entries = [*ENTRIES, entry("q4_k_m", 0.85, 0.12, 105_000_000, imatrix={"calibration": "data.jsonl", "chunks": 3})]
+    path = write_report(entries, tmp_path / "quality.json")
+    data = json.loads(path.read_text())
+    for key in ("backend", "quant", "size_bytes", "kl_mean", "kl_p99", "top1_agreement", "ppl_ratio", "eval_same",
+                "eval_total", "reference", "tool_version", "imatrix", "decode_tokens_per_s", "wall_s", "peak_rss_mb"):  # fmt: skip
+        assert key in data[0]
+    assert read_report(path) == entries
+    assert summary(entries).startswith("q8_0: KL 0.0101, top-1 0.953, eval 5/6; q4_k_m:")
+    assert "q4_k_m+imatrix: KL 0.1200" in summary(entries)
