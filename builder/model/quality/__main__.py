@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from builder.errors import BuilderError
-from builder.model.quality import measure as measure_mod
 from builder.model.quality.compare import compare_quants, imatrix_effect
+from builder.model.quality.measure import Artifact, Settings, measure
 from builder.model.quality.report import check_threshold, print_report, write_report
 from builder.model.quality.tools import Served
 
@@ -52,19 +52,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _artifacts(specs: list[str], loras: tuple[Path, ...]) -> list[measure_mod.Artifact]:
+def _artifacts(specs: list[str], loras: tuple[Path, ...]) -> list[Artifact]:
     out = []
     for spec in specs:
         quant, sep, path = spec.partition("=")
         if not sep or not path:
             raise BuilderError(f"--artifact {spec!r}: give TYPE=PATH, e.g. q4_0=build/model.gguf")
-        out.append(measure_mod.Artifact(Served(Path(path), loras), quant))
+        out.append(Artifact(Served(Path(path), loras), quant))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    settings = measure_mod.Settings(chunks=a.chunks, n_predict=a.n_predict)
+    settings = Settings(chunks=a.chunks, n_predict=a.n_predict)
     try:
         if bool(a.quants) == bool(a.artifact):
             raise BuilderError("give either --quants (types to make and compare) or --artifact TYPE=GGUF")
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise BuilderError("with --artifact, --reference must be the reference GGUF file")
             loras = tuple(a.lora)
             reference = Served(a.reference, loras)
-            entries = measure_mod.measure(
+            entries = measure(
                 reference, _artifacts(a.artifact, loras), work=a.out, text=a.text, eval_file=a.eval, settings=settings
             )
         write_report(entries, a.out / "quality.json")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from builder.errors import BuilderError
 from builder.files import atomic_file
+from builder.model.quality.kld import NO_REPACK
 from builder.model.quality.tools import Served, ToolRun, binary, run_tool, threads
 
 # Types llama-quantize quantizes differently with an importance matrix (q8_0 and the float types ignore it).
@@ -60,7 +61,7 @@ def _imatrix_run(reference: Served, text: Path, out: Path, ctx: int, chunks: int
             "--output-format",
             "gguf",
         ]
-        cmd += ["-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks), "-t", str(threads()), "--no-ppl"]
+        cmd += ["-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks), "-t", str(threads()), "--no-ppl", NO_REPACK]
         run = run_tool(cmd, f"llama-imatrix on {reference.describe()}")
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise BuilderError(f"llama-imatrix wrote no matrix:\n{run.output[-2000:]}")

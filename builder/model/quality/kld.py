@@ -98,9 +98,15 @@ def parse_base_output(text: str) -> float:
     return ppl
 
 
+# --no-repack: no extra CPU buffer types. With them, the pinned commit's AMX kernel crashes (SIGSEGV in
+# ggml_backend_amx_mul_mat) on q8_0 in --kl-divergence on AMX CPUs (Sapphire Rapids and later); the
+# weights and the results are the same, only the kernel that multiplies them differs.
+NO_REPACK = "--no-repack"
+
+
 def _common(ctx: int) -> list[str]:
     # -b = ctx: one sequence per batch, so the scores do not depend on how chunks are batched together.
-    return ["-c", str(ctx), "-b", str(ctx), "-t", str(threads()), "--no-warmup"]
+    return ["-c", str(ctx), "-b", str(ctx), "-t", str(threads()), "--no-warmup", NO_REPACK]
 
 
 def save_reference_logits(
