@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -49,24 +50,21 @@ def _download_wheel(dest: Path) -> Path:
 
 
 def _gguf_py_site() -> Path:
-    """gguf-py from the pinned llama.cpp source, installed (no network) into a folder of its own:
-    transformers reads GGUF files only when the `gguf` distribution is installed."""
+    """gguf-py from the pinned llama.cpp source as an installed distribution in a folder of its own:
+    transformers reads GGUF files only when the `gguf` distribution's metadata is found."""
+    import shutil
+
     site = CACHE / "gguf-py-site"
     if not (site / "gguf").is_dir():
         src = llamacpp.fetch_source(llamacpp.HOST_HOME / "src", llamacpp.HOST_HOME.parent / "dl") / "gguf-py"
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(site),
-            str(src),
-        ]
-        subprocess.run(cmd, check=True, capture_output=True)
+        version = re.search(r'^version = "([^"]+)"', (src / "pyproject.toml").read_text(), re.M).group(1)
+        tmp = site.with_name(site.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src / "gguf", tmp / "gguf")
+        info = tmp / f"gguf-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: gguf\nVersion: {version}\n")
+        tmp.rename(site)
     return site
 
 
