@@ -391,3 +391,27 @@ def test_real_model_unmerged_adapter_measured_and_dropping_it_is_caught(smollm2,
     assert good.eval[0]["expected_found"]
     with pytest.raises(BuilderError, match=r"adapter dropped\) q8_0: eval answers the same as the reference on \d/7"):
         check_threshold([good, bad], 0.9, min_eval_same=1.0)
+
+
+def test_quality_tools_are_built_apart_from_what_images_serve(monkeypatch, tmp_path):
+    from builder.model.gguf import llamacpp
+
+    assert llamacpp.image_targets() == llamacpp.TARGETS == ("llama-server", "llama-quantize")
+    assert llamacpp.image_targets(quality=True) == (*llamacpp.TARGETS, "llama-perplexity", "llama-imatrix")
+    monkeypatch.setattr(llamacpp, "HOST_HOME", tmp_path)
+    assert llamacpp.host_binary("llama-perplexity", "NO_SUCH_VAR") == tmp_path / "quality-tools" / "llama-perplexity"
+    (tmp_path / "host").mkdir()
+    (tmp_path / "host" / "llama-perplexity").write_text("")  # once `make llamacpp` builds them beside the server
+    assert llamacpp.host_binary("llama-perplexity", "NO_SUCH_VAR") == tmp_path / "host" / "llama-perplexity"
+    monkeypatch.setenv("LLAMA_PERPLEXITY", "/opt/llama.cpp-quality/llama-perplexity")
+    assert (
+        str(llamacpp.host_binary("llama-perplexity", "LLAMA_PERPLEXITY")) == "/opt/llama.cpp-quality/llama-perplexity"
+    )
+
+
+def test_missing_tool_says_how_to_build_it(monkeypatch, tmp_path):
+    from builder.model.quality import tools
+
+    monkeypatch.setenv("LLAMA_IMATRIX", str(tmp_path / "nope"))
+    with pytest.raises(BuilderError, match=r"llama-imatrix not found .*quality-tools.* or set LLAMA_IMATRIX"):
+        tools.binary("llama-imatrix")

@@ -145,7 +145,9 @@ def print_report(entries: Sequence[QualityEntry], console=None) -> None:
 
     if not entries:
         return
-    console = console or Console(soft_wrap=True)
+    if console is None:  # a log (make image, CI) is no terminal: wide enough for every column
+        console = Console(soft_wrap=True)
+        console = console if console.is_terminal else Console(soft_wrap=True, width=150)
     console.print(table(entries))
     for line in eval_differences(entries):
         console.print("  " + line)
