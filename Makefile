@@ -1,5 +1,6 @@
 # One command per job. Variables (all optional; unset ones fall back to SPEC's YAML, then defaults):
-#   MODEL=<folder|hub id>  ADAPTER=<lora folder>  BACKEND=auto|<comma list of backends>
+#   MODEL=<folder|hub id>  ADAPTER=<lora folder | run folder | name=path,...>  LORA=auto|merge|serve
+#   BACKEND=auto|<comma list of backends>
 #   QUANT=q4_0  TAG=latest  REGISTRY=<host[:port]/ns>  NAME=llm  SPEC=<build.yaml>
 #   CA_BUNDLE=<pem>  WHEELHOUSE=<dir of wheels>
 SHELL := /bin/bash
@@ -15,7 +16,7 @@ HARNESS := scripts/harness.sh
 # the matching flag (builder/cli.py). A value is never pasted into a shell command line, and
 # $(value ...) hands it over unexpanded: spaces, quotes, `;`, `$(...)` and backticks arrive as
 # typed, and the spec then accepts or refuses them.
-SPEC_VARS := SPEC MODEL ADAPTER BACKEND QUANT TAG REGISTRY NAME CA_BUNDLE WHEELHOUSE
+SPEC_VARS := SPEC MODEL ADAPTER LORA BACKEND QUANT TAG REGISTRY NAME CA_BUNDLE WHEELHOUSE
 $(foreach v,$(SPEC_VARS),$(eval export BUILDER_$(v) := $$(value $(v))))
 # ...and the variables themselves stay out of recipe environments, where Make would expand them.
 unexport $(SPEC_VARS)
@@ -39,8 +40,8 @@ test: venv xinference-venv llamacpp xllamacpp ## unit and integration tests (no 
 	$(PYTEST) -q
 
 # llama-server and llama-quantize for the host tests, compiled once from the pinned llama.cpp source
-# (builder/model/gguf/llamacpp.py) into .cache/llamacpp/; rebuilt only when the pin or flags change.
-llamacpp: venv ## build llama.cpp's server and quantizer for this machine (cached under .cache/llamacpp)
+# (builder/model/gguf/llamacpp.py) into .cache/llama.cpp/; rebuilt only when the pin or flags change.
+llamacpp: venv ## build llama.cpp's server and quantizer for this machine (cached under .cache/llama.cpp)
 	$(VENV)/bin/python -m builder.model.gguf.llamacpp host
 
 wheelhouse: ## .cache/wheelhouse: the CPU torch wheel this machine kind ships, for image builds

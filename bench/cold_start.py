@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--served-model-name", default="base")
     parser.add_argument("--image", action="append", default=[], help="backend=image")
     args = parser.parse_args()
-    images = {b: f"e2e-{b}:test" for b in ("chatglmcpp", "llamacpp", "xinference")}
+    images = {b.name: f"e2e-{b.name}:test" for b in backends.REGISTRY.values() if not b.gpu}  # what make e2e built
     images.update(dict(item.split("=", 1) for item in args.image))
     print(f"{'backend':<12} {'runs':>4} {'median s':>9} {'min s':>7} {'max s':>7}")
     for i, (backend, image) in enumerate(images.items()):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import click
 
@@ -44,7 +45,13 @@ SPEC_OPTIONS: list[tuple[str, str, str | None, dict]] = [
     ("--model", "model", "MODEL", {"help": "Model folder or hub id (org/name)."}),
     ("--model-hub", "model_hub", None, {"type": click.Choice(["auto", "local", "huggingface", "modelscope"])}),
     ("--revision", "revision", None, {"help": "Hub revision."}),
-    ("--adapter", "adapter", "ADAPTER", {"help": "LoRA adapter folder."}),
+    ("--adapter", "adapter", "ADAPTER", {"help": "LoRA adapter folder, SWIFT run folder, or name=path,name=path."}),
+    (
+        "--lora",
+        "lora_mode",
+        "LORA",
+        {"type": click.Choice(["auto", "merge", "serve"]), "help": "Adapters merged or served unmerged."},
+    ),
     ("--backend", "backends", "BACKEND", {"help": f"Comma list of {','.join(backends.NAMES)}, or auto."}),
     ("--quant", "quant", "QUANT", {"type": click.Choice(backends.QUANTS), "help": "Quantization type."}),
     ("--served-model-name", "served_model_name", None, {}),
@@ -55,12 +62,29 @@ SPEC_OPTIONS: list[tuple[str, str, str | None, dict]] = [
     *[(f"--{name}-base", f"base_images__{name}", None, {}) for name in backends.NAMES],
     ("--cuda/--no-cuda", "cuda", None, {"help": "Build the CUDA variant of backends that have one."}),
     ("--cuda-architectures", "cuda_architectures", None, {}),
-    ("--llamacpp-cpu", "llamacpp_cpu", None, {"type": click.Choice(["all-variants", "avx2"])}),
     ("--ca-bundle", "ca_bundle", "CA_BUNDLE", {"help": "CA bundle file, a BuildKit secret."}),
     ("--wheelhouse", "wheelhouse", "WHEELHOUSE", {"help": "Local wheels for pip inside the build."}),
     ("--trust-remote-code/--no-trust-remote-code", "trust_remote_code", None, {}),
-    ("--xinference-engine", "xinference_engine", None, {"type": click.Choice(["llama.cpp", "transformers", "vllm"])}),
 ]
+
+
+def backend_option_flags() -> list[tuple[str, str, None, dict]]:
+    """Each backend's own options (its record's `options` model) as flags `--<backend>-<option>`."""
+    flags = []
+    for b in backends.REGISTRY.values():
+        for key, option in b.option_fields().items():
+            info = b.options.model_fields[option]
+            kwargs: dict = {"help": info.description}
+            if get_origin(info.annotation) is Literal:
+                kwargs["type"] = click.Choice(get_args(info.annotation))
+            flag = f"--{key.replace('_', '-')}"
+            if info.annotation is bool:
+                flag = f"{flag}/--no-{key.replace('_', '-')}"
+            flags.append((flag, key, None, kwargs))
+    return flags
+
+
+SPEC_OPTIONS += backend_option_flags()
 
 
 def spec_options(f):
@@ -116,13 +140,16 @@ def show_spec(**flags) -> None:
     """Print the resolved build spec as YAML (usable as a SPEC file) and the backends it builds."""
     import yaml
 
-    from builder.image.build import resolve_backends
+    from builder.selection import select_backends
     from builder.spec import read_model_config
 
     spec = _spec(flags)
     data = spec.model_dump(mode="json", exclude_none=True)
-    data["backends"] = resolve_backends(spec, read_model_config(spec))
+    selection = select_backends(spec, read_model_config(spec))
+    data["backends"] = selection.backends
     click.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), nl=False)
+    for name, reason in selection.skipped.items():
+        click.echo(f"# BACKEND=auto skips {name}: {reason}")
 
 
 @cli.command()
@@ -185,10 +212,11 @@ def convert(model, fmt, quant, out, pre_tokenizer, quiet) -> None:
 
         click.echo(convert_gguf(model, quant, out, pre_tokenizer=pre_tokenizer, quiet=quiet).path)
         return
+    from builder.model.convert import QUANTS as GGML_QUANTS
     from builder.model.convert import convert_model
 
-    if quant not in backends.GGML_QUANTS:
-        raise BuilderError(f"--quant {quant} is not a GGML type ({', '.join(backends.GGML_QUANTS)}); try --format gguf")
+    if quant not in GGML_QUANTS:
+        raise BuilderError(f"--quant {quant} is not a GGML type ({', '.join(GGML_QUANTS)}); try --format gguf")
     click.echo(convert_model(model, quant=quant, out=out, quiet=quiet))
 
 
@@ -227,7 +255,7 @@ def prepare_model(source, model_id, revision, local, adapter, dtype, out) -> Non
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
 @click.pass_context
 def serve(ctx: click.Context) -> None:
-    """OpenAI-compatible chatglm.cpp server (the image's entrypoint; `serve --help` lists its options)."""
+    """OpenAI-compatible chatglm.cpp server (what the chatglm.cpp image runs; `serve --help` lists its options)."""
     from builder.runtime.chatglmcpp.__main__ import main as runtime_main
 
     sys.exit(runtime_main(["serve", *ctx.args]))

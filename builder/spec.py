@@ -22,9 +22,9 @@ from builder import backends
 from builder.errors import BuilderError
 
 Backend = Literal[backends.NAMES]  # type: ignore[valid-type]
-BACKENDS: tuple[str, ...] = backends.NAMES
 Quant = Literal[backends.QUANTS]  # type: ignore[valid-type]
 ModelHub = Literal["auto", "local", "huggingface", "modelscope"]
+LoraMode = Literal["auto", "merge", "serve"]
 
 # OCI distribution-spec reference grammar (docker/distribution reference/regexp.go), anchored.
 _ALNUM = r"[a-z0-9]+"
@@ -47,6 +47,13 @@ ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
 CUDA_ARCHS = re.compile(r"^[0-9]{2,3}[a-z]?(?:;[0-9]{2,3}[a-z]?)*$")
 # A local path may hold spaces, but nothing a shell, Dockerfile or YAML file would interpret.
 SAFE_PATH = re.compile(r"^[A-Za-z0-9_./ +@,=-]+$")
+
+
+def _named_path(item: str) -> tuple[str, str]:
+    name, sep, path = item.strip().partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise ValueError(f"{item.strip()!r}: name each adapter, ADAPTER=name=path,name=path")
+    return name.strip(), path.strip()
 
 
 def _check(pattern: re.Pattern, value: str, what: str) -> str:
@@ -82,8 +89,9 @@ Ports = create_model(
 )
 
 
-class BuildSpec(BaseModel):
-    """What to build. Field docs double as the README's reference table."""
+class _BuildSpec(BaseModel):
+    """What to build. Field docs double as the README's reference table. Each backend's own options
+    are added below as `<backend>_<option>` fields (BuildSpec)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -92,7 +100,18 @@ class BuildSpec(BaseModel):
         "auto", description="Where `model` comes from; auto: folder if it exists, else Hugging Face"
     )
     revision: str | None = Field(None, description="Hub revision (default: main on Hugging Face, master on ModelScope)")
-    adapter: Path | None = Field(None, description="LoRA adapter folder (peft or SWIFT checkpoint-N)")
+    adapter: Path | None = Field(
+        None, description="LoRA adapter folder (peft or SWIFT checkpoint-N), or a SWIFT run folder (every checkpoint)"
+    )
+    adapters: dict[str, Path] = Field(
+        default_factory=dict,
+        description="LoRA adapters served unmerged under their own names, {NAME: PATH} (ADAPTER=name=path,...)",
+    )
+    lora_mode: LoraMode = Field(
+        "auto",
+        description="merge: the one adapter merged into the weights; serve: adapters unmerged over one base; "
+        "auto: serve on every backend that can serve these adapters unmerged, merge elsewhere",
+    )
     backends: list[Backend] | None = Field(
         None, description="Backends to build; None = auto (every backend that supports the model)"
     )
@@ -107,20 +126,12 @@ class BuildSpec(BaseModel):
     cuda: bool = Field(
         False, description="Build the CUDA variant of every backend that has one (chatglm.cpp: -DGGML_CUDA=ON)"
     )
-    llamacpp_cpu: Literal["all-variants", "avx2"] = Field(
-        "all-variants",
-        description="llama.cpp's CPU code: every x86 ISA level, picked at start (runtime dispatch), or one AVX2 build (a quarter of the compile)",
-    )
     cuda_architectures: str = Field("80;86;89;90", description="CMAKE_CUDA_ARCHITECTURES for the CUDA builds")
     ca_bundle: Path | None = Field(None, description="CA bundle for TLS-intercepting proxies (BuildKit secret)")
     wheelhouse: Path | None = Field(None, description="Folder of local wheels pip uses inside the build")
     hub_token_env: str = Field("HF_TOKEN", description="Environment variable holding the hub token (BuildKit secret)")
     api_key_env: str = Field("API_KEY", description="Compose variable holding the API key handed to every backend")
     trust_remote_code: bool = Field(False, description="Allow code from the model folder (vLLM, Xinference)")
-    xinference_engine: Literal["llama.cpp", "transformers", "vllm"] = Field(
-        "llama.cpp",
-        description="Xinference engine: llama.cpp serves the GGUF (QUANT) on CPU; transformers and vllm the merged weights",
-    )
     ports: Ports = Field(default_factory=Ports)
 
     @field_validator("model")
@@ -136,6 +147,29 @@ class BuildSpec(BaseModel):
         if v is not None:
             _check(SAFE_PATH, str(v), "path (no quotes, newlines or shell characters)")
         return v
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _adapters(cls, v: Any) -> Any:
+        """`name=path,name=path` (how ADAPTER passes several) or a mapping; names are served model names."""
+        if isinstance(v, str):
+            v = dict(_named_path(item) for item in v.split(",") if item.strip())
+        if isinstance(v, dict):
+            for name, path in v.items():
+                _check(SERVED_NAME, str(name), "adapter name (letters, digits, . _ : -)")
+                _check(SAFE_PATH, str(path), "adapter path (no quotes, newlines or shell characters)")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adapter_list(cls, data: Any) -> Any:
+        """ADAPTER holding `name=path[,...]` fills `adapters`; a plain path stays the one `adapter`."""
+        if isinstance(data, dict) and isinstance(data.get("adapter"), str) and "=" in data["adapter"]:
+            data = dict(data)
+            if data.get("adapters"):
+                raise ValueError("give named adapters once: ADAPTER=name=path,... or `adapters:` in the SPEC file")
+            data["adapters"] = data.pop("adapter")
+        return data
 
     @field_validator("revision")
     @classmethod
@@ -184,18 +218,24 @@ class BuildSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, data: Any) -> Any:
-        """`chatglmcpp_cuda: true` (before backends shared one switch) still means `cuda: true`."""
-        if isinstance(data, dict) and "chatglmcpp_cuda" in data:
-            data = dict(data)
-            legacy = data.pop("chatglmcpp_cuda")
-            data.setdefault("cuda", legacy)
+        """A spec key a backend renamed (its record's `renamed_options`) still sets the field that replaced it."""
+        if isinstance(data, dict):
+            for b in backends.REGISTRY.values():
+                for old, new in b.renamed_options.items():
+                    if old in data:
+                        data = dict(data)
+                        data.setdefault(new, data.pop(old))
         return data
 
     @model_validator(mode="after")
-    def _served_default(self) -> BuildSpec:
+    def _served_default(self) -> _BuildSpec:
         if self.served_model_name is None and self.model:
             stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.model.rstrip("/")).name).strip("-.") or "model"
             object.__setattr__(self, "served_model_name", stem[:128])
+        if self.adapter is not None and self.adapters:
+            raise ValueError("give either one ADAPTER path or named adapters (ADAPTER=name=path,...), not both")
+        if self.served_model_name in self.adapters:
+            raise ValueError(f"adapter name {self.served_model_name!r} is the base model's served name: rename it")
         return self
 
     # -- derived values ---------------------------------------------------------------------
@@ -227,6 +267,19 @@ class BuildSpec(BaseModel):
         if self.cuda and backends.get(backend).cuda_base:
             return getattr(self.base_images, f"{backend}_cuda")
         return getattr(self.base_images, backend)
+
+
+def option_fields() -> dict[str, tuple[Any, Any]]:
+    """Every backend's own options as spec fields `<backend>_<option>` (type, default and description)."""
+    fields: dict[str, tuple[Any, Any]] = {}
+    for b in backends.REGISTRY.values():
+        for key, option in b.option_fields().items():
+            info = b.options.model_fields[option]
+            fields[key] = (info.annotation, Field(info.default, description=info.description))
+    return fields
+
+
+BuildSpec = create_model("BuildSpec", __base__=_BuildSpec, __doc__=_BuildSpec.__doc__, **option_fields())
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -296,6 +349,9 @@ def check_paths(spec: BuildSpec) -> None:
             raise BuilderError(f"{field} {path} does not exist")
     if spec.adapter is not None and not spec.adapter.is_dir():
         raise BuilderError(f"adapter {spec.adapter} must be a folder (peft adapter or SWIFT checkpoint-N)")
+    for name, path in spec.adapters.items():
+        if not path.is_dir():
+            raise BuilderError(f"adapter {name}={path} is not a folder (peft adapter or SWIFT checkpoint-N)")
 
 
 def read_model_config(spec: BuildSpec) -> dict[str, Any] | None:

@@ -2,7 +2,7 @@
 #
 # xinference==4.1.0 cannot share the project venv: it pins click<8.2 and fastapi<0.137, while
 # transformers 5.24 needs huggingface-hub>=1.31, which needs click>=8.4.2. So it lives in its own
-# venv; tests/test_xinference_boot.py runs `xinference-local` and the Xinference Python client from
+# venv; tests/runtime/xinference/ runs `xinference-local` and the Xinference Python client from
 # there as subprocesses and finds it through XINFERENCE_VENV (exported below for `make test`).
 # torch==2.13.0 resolves to the local CPU wheel in /opt/wheels (PIP_FIND_LINKS); plain PyPI torch
 # would be the multi-GB CUDA build. torchvision (pulled by timm) is removed: PyPI's build breaks

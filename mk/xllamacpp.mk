@@ -2,7 +2,7 @@
 #
 # Xinference's llama.cpp engine imports xllamacpp (a prebuilt CPU wheel). It goes into its own folder,
 # which the tests put on the Xinference processes' PYTHONPATH, so the Xinference venv stays as pinned.
-# Same version as builder/backends.py XLLAMACPP_VERSION (tests/test_backends.py checks).
+# Same version as builder/backends/xinference.py XLLAMACPP_VERSION (tests/test_backends.py checks).
 XLLAMACPP_VERSION := 2026.10.11549
 XLLAMACPP_DIR ?= $(CURDIR)/.cache/xllamacpp-$(XLLAMACPP_VERSION)
 export XLLAMACPP_DIR

@@ -9,18 +9,21 @@ import pytest
 import yaml
 
 from builder import backends
-from builder.image.build import build_args, resolve_backends
-from builder.image.render import OUTPUTS, TEMPLATES, render_text
+from builder.image.build import build_args
+from builder.image.render import TEMPLATES, outputs, render_text
 from builder.spec import BaseImages, BuildSpec, Ports
 
 RECORDS = list(backends.REGISTRY.values())
 
 
 def test_every_backend_has_a_template_and_an_output():
+    found = outputs(BuildSpec())
     for b in RECORDS:
         assert (TEMPLATES / b.template).is_file(), b.template
-        assert b.dockerfile in OUTPUTS
-    assert set(OUTPUTS) == {b.dockerfile for b in RECORDS} | {"compose.yaml", "compose.xinference-cluster.yaml"}
+        assert b.dockerfile in found
+    topologies = {f"compose.{t.name}.yaml" for b in RECORDS for t in b.topologies}
+    assert topologies == {"compose.xinference-cluster.yaml"}
+    assert set(found) == {b.dockerfile for b in RECORDS} | {"compose.yaml"} | topologies
 
 
 def test_spec_fields_come_from_the_registry():
@@ -85,21 +88,6 @@ def test_gguf_backends_share_the_llamacpp_build():
     assert "FROM ${BUILD_BASE} AS llamacpp-build" in cuda and "'-DCMAKE_CUDA_ARCHITECTURES=86;90'" in cuda
 
 
-def test_auto_picks_llamacpp_for_any_registered_architecture():
-    spec = BuildSpec(model="org/x", quant="q4_k_m")
-    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
-    assert resolve_backends(spec, llama) == ["vllm", "llamacpp", "xinference"]
-    glm = {"architectures": ["GlmForCausalLM"], "model_type": "glm", "num_hidden_layers": 2, "hidden_size": 128,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 256,
-           "vocab_size": 300}  # fmt: skip
-    with pytest.raises(Exception, match=r"QUANT=q4_k_m: chatglm.cpp cannot produce it .*BACKEND=llamacpp,xinference"):
-        resolve_backends(BuildSpec(model="org/x", backends="chatglmcpp", quant="q4_k_m"), glm)
-    assert resolve_backends(spec, glm) == ["vllm", "llamacpp", "xinference"]  # auto: chatglm.cpp skipped
-    odd = {"architectures": ["NoSuchForCausalLM"], "model_type": "x"}
-    with pytest.raises(Exception, match="llama.cpp 0c1e570's converter does not register NoSuchForCausalLM"):
-        resolve_backends(BuildSpec(model="org/x", backends="llamacpp"), odd)
-
-
 def test_llamacpp_tunables_reach_image_and_compose():
     b = backends.get("llamacpp")
     text = render_text(BuildSpec())
@@ -118,17 +106,113 @@ def test_xllamacpp_pin_is_the_makefiles():
     from pathlib import Path
 
     mk = (Path(__file__).resolve().parents[1] / "mk" / "xllamacpp.mk").read_text()
-    assert f"XLLAMACPP_VERSION := {backends.XLLAMACPP_VERSION}\n" in mk
+    assert f"XLLAMACPP_VERSION := {backends.get('xinference').template_values['xllamacpp_version']}\n" in mk
 
 
-def test_quant_a_backend_cannot_build_names_the_ones_that_can(monkeypatch):
-    monkeypatch.setattr(backends, "REGISTRY", {**backends.REGISTRY})
-    spec = BuildSpec(model="org/x", backends="chatglmcpp", quant="q4_0")
-    glm = {"architectures": ["GlmForCausalLM"], "model_type": "glm", "num_hidden_layers": 2, "hidden_size": 128,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 256,
-           "vocab_size": 300}  # fmt: skip
-    assert resolve_backends(spec, glm) == ["chatglmcpp"]
-    chatglm = backends.REGISTRY["chatglmcpp"]
-    monkeypatch.setitem(backends.REGISTRY, "chatglmcpp", type(chatglm)(**{**chatglm.__dict__, "quants": ("q8_0",)}))
-    with pytest.raises(Exception, match=r"QUANT=q4_0: chatglm.cpp cannot produce it \(it builds q8_0\)"):
-        resolve_backends(spec, glm)
+FIFTH_RECORD = """
+from typing import Literal
+
+from pydantic import Field
+
+from builder.backends import Backend, Healthcheck, NoOptions, http_probe
+
+
+class FifthOptions(NoOptions):
+    threads: Literal["1", "2", "4"] = Field("2", description="server threads")
+
+
+BACKEND = Backend(
+    name="fifth",
+    title="Fifth",
+    description="a test backend added from outside the checkout",
+    base_image="python:3.12-slim",
+    base_arg="FIFTH_BASE",
+    port=8555,
+    health_path="/health",
+    healthcheck=Healthcheck(http_probe(8555, "/health"), "2s", "5s", 3, "30s"),
+    api_key_var="FIFTH_API_KEY",
+    options=FifthOptions,
+    runtime_modules=("smoke.py",),
+)
+"""
+FIFTH_TEMPLATE = """{% extends "_runtime.Dockerfile.j2" %}
+{% block about %}
+# Fifth runtime, threads {{ spec.fifth_threads }}.
+{% endblock %}
+{% block runtime %}
+{{ m.runtime_code(backend.runtime_modules) }}
+{% endblock %}
+{% block weights %}
+{{ m.weights("model", "/out/model", "/models/model") }}
+{% endblock %}
+{% block entrypoint %}
+ENTRYPOINT ["python3", "-m", "builder.runtime.smoke"]
+{% endblock %}
+"""
+FIFTH_CHECKS = """
+import json, sys
+from pathlib import Path
+import yaml
+from builder.cli import SPEC_OPTIONS
+from builder.image.build import build_args, write_env
+from builder.image.k8s import render_k8s_text
+from builder.image.render import render_text
+from builder.spec import load_spec
+
+out = Path(sys.argv[1])
+spec = load_spec({"model": "org/x", "backends": "fifth,llamacpp", "fifth_threads": "4"}, resolve=False)
+files = render_text(spec)
+service = yaml.safe_load(files["compose.yaml"])["services"]["fifth"]
+write_env(spec, ["fifth", "llamacpp"], out / ".env")
+k8s = render_k8s_text(spec)
+print(json.dumps({
+    "dockerfile": files["Dockerfile.fifth"],
+    "service": service,
+    "env": (out / ".env").read_text(),
+    "k8s": sorted(k8s),
+    "deployment": k8s["fifth/deployment.yaml"],
+    "build_args": build_args(spec, "fifth"),
+    "flags": [flag for flag, *_ in SPEC_OPTIONS],
+}))
+"""
+
+
+def test_a_fifth_backend_is_a_record_and_a_template(tmp_path):
+    """A backend added from outside the checkout ($BUILDER_BACKENDS_PATH: one record, one template) gets its
+    Dockerfile, compose service, .env entries, build args, option flag and k8s base, and no file of the
+    checkout changes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "fifth.py").write_text(FIFTH_RECORD)
+    (plugins / "fifth.Dockerfile.j2").write_text(FIFTH_TEMPLATE)
+    before = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+    env = {"PATH": "/usr/bin:/bin", "BUILDER_BACKENDS_PATH": str(plugins), "PYTHONPATH": str(root)}
+    res = subprocess.run([sys.executable, "-c", FIFTH_CHECKS, str(tmp_path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert "# Fifth runtime, threads 4." in got["dockerfile"]
+    assert (
+        "ARG FIFTH_BASE=python:3.12-slim" in got["dockerfile"] and "FROM ${FIFTH_BASE} AS runtime" in got["dockerfile"]
+    )
+    assert "EXPOSE 8555" in got["dockerfile"] and "USER 10001:10001" in got["dockerfile"]
+    assert got["service"]["profiles"] == ["fifth"] and got["service"]["environment"]["FIFTH_API_KEY"] == "${API_KEY:-}"
+    assert got["service"]["ports"] == ["127.0.0.1:${FIFTH_PORT:-8555}:8555"]
+    for line in (
+        "COMPOSE_PROFILES=fifth,llamacpp",
+        "FIFTH_IMAGE=llm-fifth:latest",
+        "FIFTH_PORT=8555",
+        "FIFTH_SMOKE_SKIP=",
+    ):
+        assert f"\n{line}\n" in got["env"], got["env"]
+    assert {"fifth/deployment.yaml", "fifth/service.yaml", "fifth/kustomization.yaml"} <= set(got["k8s"])
+    assert "name: FIFTH_API_KEY" in got["deployment"] and "containerPort: 8555" in got["deployment"]
+    assert got["build_args"]["FIFTH_BASE"] == "python:3.12-slim"
+    assert "--fifth-threads" in got["flags"] and "--fifth-base" in got["flags"]
+    after = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+    assert after == before

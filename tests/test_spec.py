@@ -1,5 +1,6 @@
 """The build spec: precedence, defaults, validation of everything that reaches a template."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,38 @@ def test_resolve_checks_inputs(tmp_path: Path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(BuilderError, match="adapter"):
         load_spec({"model": str(tmp_path), "adapter": str(tmp_path / "nope")})
+
+
+def test_adapter_takes_one_path_or_named_adapters(tmp_path: Path):
+    one = load_spec({"model": "org/x", "adapter": "out/checkpoint-100"}, resolve=False)
+    assert one.adapter == Path("out/checkpoint-100") and one.adapters == {}
+    named = load_spec({"model": "org/x", "adapter": "sql=out/a, chat = out/b"}, resolve=False)
+    assert named.adapter is None and named.adapters == {"sql": Path("out/a"), "chat": Path("out/b")}
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text("model: org/x\nadapters:\n  sql: out/a\nlora_mode: serve\n")
+    from_yaml = load_spec({"spec_file": spec_file}, resolve=False)
+    assert from_yaml.adapters == {"sql": Path("out/a")} and from_yaml.lora_mode == "serve"
+    assert load_spec({"spec_file": spec_file, "lora_mode": "merge"}, resolve=False).lora_mode == "merge"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"adapter": "sql=out/a,out/b"}, "name each adapter"),
+        ({"adapter": "bad name=out/a"}, "adapter name"),
+        ({"adapter": "sql=out/$(reboot)"}, "adapter path"),
+        ({"adapter": "x=out/a", "adapters": {"y": "out/b"}}, "once"),
+        ({"adapter": "out/a", "adapters": {"y": "out/b"}}, "not both"),
+        ({"adapter": "x=out/a", "served_model_name": "x"}, "base model's served name"),
+        ({"lora_mode": "sometimes"}, "lora_mode"),
+    ],
+)
+def test_bad_adapter_input_is_refused_with_what_to_do(flags, message):
+    with pytest.raises(BuilderError, match=re.escape(message)):
+        load_spec({"model": "org/x", **flags}, resolve=False)
+
+
+def test_named_adapter_folders_must_exist(tmp_path: Path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(BuilderError, match=r"adapter sql=.*nope is not a folder"):
+        load_spec({"model": str(tmp_path), "adapter": f"sql={tmp_path / 'nope'}"})

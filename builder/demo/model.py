@@ -29,6 +29,8 @@ import time
 import warnings
 from pathlib import Path
 
+from builder.files import atomic_dir, write_atomic
+
 # Bump when anything that changes the produced files changes (the stamp makes `demo-model` idempotent).
 DEMO_VERSION = "1"
 DEMO_SEED = 1234
@@ -269,23 +271,19 @@ def build_demo(out: Path, *, force: bool = False, quiet: bool = True) -> tuple[P
     for path in (base, adapter):
         if path.exists():
             shutil.rmtree(path)
-    tmp_base, tmp_adapter = out / ".base.tmp", out / ".adapter.tmp"
-    for path in (tmp_base, tmp_adapter):
-        if path.exists():
-            shutil.rmtree(path)
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        train_base(tmp_base, quiet=quiet)
-        tmp_base.rename(base)
-        train_adapter(base, tmp_adapter, quiet=quiet)
-        tmp_adapter.rename(adapter)
+        with atomic_dir(base) as tmp_base:
+            train_base(tmp_base, quiet=quiet)
+        with atomic_dir(adapter) as tmp_adapter:
+            train_adapter(base, tmp_adapter, quiet=quiet)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    stamp_file.write_text(json.dumps(stamp(), indent=2) + "\n")
+    write_atomic(stamp_file, json.dumps(stamp(), indent=2) + "\n")
     return base, adapter
 
 

@@ -25,12 +25,9 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 WHEELHOUSE = CACHE / "wheelhouse"
 console = Console(stderr=True)
 
-# Where no local bases can be made: small public images (the defaults target real GPU hosts).
-PUBLIC_DEMO_BASES = {
-    "build": "python:3.11-slim-bookworm",
-    "chatglmcpp": "python:3.11-slim-bookworm",
-    "llamacpp": "debian:bookworm-slim",
-}
+# The build stage's bases (each backend's come from its record's `demo`): a local stand-in where the
+# harness can make one, else a small public image (the defaults target real GPU hosts).
+BUILD_BASE_LOCAL, BUILD_BASE_PUBLIC = "local/python:bookworm", "python:3.11-slim-bookworm"
 
 
 def _can_run_harness() -> bool:
@@ -69,16 +66,15 @@ def demo_spec_flags(models: Path) -> dict:
         "name": "demo",
         "llamacpp_cpu": "avx2",  # a quarter of the all-variants compile: the cold demo stays short
     }
+    demo = {name: backends.get(name).demo for name in backends.DEMO}
     if _can_run_harness():
-        subprocess.run(["bash", str(HARNESS), "bases"], check=True, env={**os.environ, "HARNESS_BASES": "xinference"})
-        flags.update(
-            base_images__build="local/python:bookworm",
-            base_images__chatglmcpp="local/python:bookworm",
-            base_images__llamacpp="local/debian:bookworm-slim",
-            base_images__xinference="local/xinference:latest",
-        )
+        wanted = ",".join(d.harness_base for d in demo.values() if d.harness_base) or "none"
+        subprocess.run(["bash", str(HARNESS), "bases"], check=True, env={**os.environ, "HARNESS_BASES": wanted})
+        flags["base_images__build"] = BUILD_BASE_LOCAL
+        flags.update({f"base_images__{name}": d.local for name, d in demo.items()})
     else:
-        flags.update({f"base_images__{k}": v for k, v in PUBLIC_DEMO_BASES.items()})
+        flags["base_images__build"] = BUILD_BASE_PUBLIC
+        flags.update({f"base_images__{name}": d.public for name, d in demo.items() if d.public})
     if HOST_CA.is_file():
         flags["ca_bundle"] = str(HOST_CA)
     if any(WHEELHOUSE.glob("*.whl")):  # `make wheelhouse` (a dependency of `make demo`) fills it

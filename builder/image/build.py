@@ -23,9 +23,10 @@ from rich.console import Console
 from rich.table import Table
 
 from builder import __version__, backends
-from builder.errors import BuilderError
+from builder.files import write_atomic
 from builder.image.docker import Docker
 from builder.image.render import render_all
+from builder.selection import Selection, select_backends
 from builder.spec import BuildSpec, read_model_config
 
 PACKAGE = Path(__file__).resolve().parents[1]  # builder/, copied whole into the build context
@@ -39,52 +40,6 @@ class Built:
     image_id: str
     size_mb: float
     seconds: float
-
-
-def resolve_backends(spec: BuildSpec, config: dict | None) -> list[str]:
-    """The backends to build, in registry order: the spec's list, or (auto) every backend whose
-    registry check accepts the model. A chosen backend that cannot serve it, or cannot produce
-    QUANT, is an error that says why."""
-    if spec.backends:
-        chosen = list(spec.backends)
-        if config is not None:
-            for name in chosen:
-                backend = backends.get(name)
-                reason = backend.check(config, spec) if backend.check_explicit else None
-                if reason:
-                    raise BuilderError(f"BACKEND={name}: {backend.title} cannot serve this model: {reason}")
-    elif config is None:
-        raise BuilderError("BACKEND=auto needs a local model to read config.json from; for hub models pass BACKEND=...")
-    else:
-        chosen, skipped = [], []
-        for backend in backends.REGISTRY.values():
-            types = backend.quant_types(spec)
-            reason = backend.check(config, spec) or (
-                f"it cannot produce QUANT={spec.quant}" if types and spec.quant not in types else None
-            )
-            if reason:
-                skipped.append(f"{backend.name}: {reason}")
-            else:
-                chosen.append(backend.name)
-        if not chosen:
-            raise BuilderError("no backend serves this model:\n  " + "\n  ".join(skipped))
-        for line in skipped:
-            console.print(f"[yellow]BACKEND=auto skips[/] {line}")
-    _check_quant(spec, chosen)
-    return [name for name in backends.NAMES if name in chosen]
-
-
-def _check_quant(spec: BuildSpec, chosen: list[str]) -> None:
-    """QUANT must be a type every chosen backend that quantizes can produce."""
-    for name in chosen:
-        backend = backends.get(name)
-        types = backend.quant_types(spec)
-        if types and spec.quant not in types:
-            accept = [b.name for b in backends.REGISTRY.values() if spec.quant in b.quant_types(spec)]
-            raise BuilderError(
-                f"QUANT={spec.quant}: {backend.title} cannot produce it (it builds {', '.join(types)})"
-                + (f"; {spec.quant} is built by BACKEND={','.join(accept)}" if accept else "")
-            )
 
 
 def digest_dir(path: Path | None) -> str:
@@ -107,8 +62,8 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def prepare_context(spec: BuildSpec, root: Path) -> Path:
-    """A minimal build context: builder's code, the model (local only), the adapter, wheels.
+def prepare_context(spec: BuildSpec, root: Path, adapter: Path | None = None) -> Path:
+    """A minimal build context: builder's code, the model (local only), the adapter to merge, wheels.
 
     Weights are hard-linked where the filesystem allows, so even a 70B folder costs no copy.
     """
@@ -119,7 +74,7 @@ def prepare_context(spec: BuildSpec, root: Path) -> Path:
     shutil.copytree(PACKAGE, ctx / "src" / "builder", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name, source in (
         ("model", Path(spec.model) if spec.model_source == "local" else None),
-        ("adapter", spec.adapter),
+        ("adapter", adapter),
         ("wheels", spec.wheelhouse),
     ):
         if source is None:
@@ -139,21 +94,17 @@ def build_secrets(spec: BuildSpec) -> Iterator[dict[str, Path]]:
     token = os.environ.get(spec.hub_token_env)
     with tempfile.TemporaryDirectory(prefix="builder-secrets-") as tmp:
         if token:
-            path = Path(tmp) / "hub_token"
-            path.touch(mode=0o600)
-            path.write_text(token)
-            found["hub_token"] = path
+            found["hub_token"] = write_atomic(Path(tmp) / "hub_token", token, mode=0o600)
         yield found
 
 
-def build_args(spec: BuildSpec, backend: str) -> dict[str, str]:
+def build_args(spec: BuildSpec, backend: str, adapter: Path | None = None) -> dict[str, str]:
     record = backends.get(backend)
     source = spec.model_source
-    llamacpp = backends.get("llamacpp")
     return {
         "BUILD_BASE": spec.base_images.build,
-        # a GGUF-serving image compiles llama.cpp on the llama.cpp runtime base (one cached build for both)
-        **({llamacpp.base_arg: spec.runtime_base(llamacpp.name)} if record.serves_gguf(spec) else {}),
+        # a GGUF-serving image compiles llama.cpp on the base its record names (one cached compile for all)
+        **(dict([record.gguf_toolchain_base(spec)]) if record.serves_gguf(spec) else {}),
         record.base_arg: spec.runtime_base(backend),
         "MODEL_SOURCE": source,
         "MODEL_ID": spec.model if source != "local" else "",
@@ -161,11 +112,19 @@ def build_args(spec: BuildSpec, backend: str) -> dict[str, str]:
         "QUANT": spec.quant if record.quant_types(spec) else "",
         "SERVED_MODEL_NAME": spec.served_model_name or "model",
         "BASE_MODEL": spec.model if source != "local" else Path(spec.model).resolve().name,
-        "ADAPTER_DIGEST": digest_dir(spec.adapter),
+        "ADAPTER_DIGEST": digest_dir(adapter),
         "BUILDER_VERSION": __version__,
         "SOURCE_REVISION": _git_revision(),
         "TRUST_REMOTE_CODE": "1" if spec.trust_remote_code else "0",
     }
+
+
+def merged_adapter(selection: Selection) -> Path | None:
+    """The one adapter the merging backends bake into their weights (None: no adapter)."""
+    if not any(plan.mode == "merge" for plan in selection.lora.values()):
+        return None
+    (path,) = selection.adapters.values()  # selection refuses merging several
+    return path
 
 
 def _git_revision() -> str:
@@ -187,11 +146,7 @@ def write_env(spec: BuildSpec, built: list[str], path: Path) -> Path:
         spec.api_key_env: key,
     }
     text = "# Written by `builder build`; read by docker compose.\n" + "".join(f"{k}={v}\n" for k, v in values.items())
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.touch(mode=0o600)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, text, mode=0o600)
 
 
 def read_env(path: Path) -> dict[str, str]:
@@ -205,16 +160,20 @@ def read_env(path: Path) -> dict[str, str]:
 def build(
     spec: BuildSpec, workdir: Path = Path("build"), env_file: Path = Path(".env"), docker: Docker | None = None
 ) -> list[Built]:
-    chosen = resolve_backends(spec, read_model_config(spec))
+    selection = select_backends(spec, read_model_config(spec))
+    for name, reason in selection.skipped.items():
+        console.print(f"[yellow]BACKEND=auto skips[/] {name}: {reason}")
+    chosen = selection.backends
+    merged = merged_adapter(selection)
     docker = docker or Docker.detect()
     docker.require_engine()
     root = workdir / spec.name
     render_all(spec, root)
     console.print(
         f"[bold]building[/] {', '.join(chosen)} for [cyan]{spec.model}[/]"
-        + (f" + adapter [cyan]{spec.adapter}[/]" if spec.adapter else "")
+        + (f" + adapter [cyan]{merged}[/]" if merged else "")
     )
-    ctx = prepare_context(spec, root)
+    ctx = prepare_context(spec, root, merged)
     built: list[Built] = []
     with build_secrets(spec) as secret_files:
         for backend in chosen:
@@ -230,7 +189,7 @@ def build(
                     ctx,
                     root / f"Dockerfile.{backend}",
                     image,
-                    build_args(spec, backend),
+                    build_args(spec, backend, merged),
                     secret_files,
                     log=root / "logs" / f"{backend}.log",
                     on_line=show,

@@ -7,8 +7,8 @@ secret. Templates under templates/k8s/ hold the layout; this module decides ever
 registry record (port, health path and healthcheck, API-key variable, GPU, grace period) and the
 spec (image reference, CUDA), so the manifests cannot drift from what the images and compose run.
 
-Facts the manifests rely on, shared with every runtime template: the server runs as uid/gid 10001
-with its home at /home/app (`_macros.j2` app_user); the root filesystem is mounted read-only, so
+Facts the manifests rely on, shared with every runtime template: the server runs as uid/gid UID with
+its home at HOME (both from render.py, which hands them to the templates); the root filesystem is mounted read-only, so
 /tmp and the home are writable emptyDirs (Xinference keeps its state and every runtime its caches
 there). The API key comes from a Secret (`<name>-api-key`, key `api-key`) that the manifests only
 reference, never hold.
@@ -23,8 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +31,12 @@ import yaml
 
 from builder import __version__, backends
 from builder.errors import BuilderError
+from builder.files import atomic_dir
 from builder.image import push
-from builder.image.cluster import CLUSTER, XinferenceCluster
-from builder.image.render import environment
+from builder.image.render import HOME, TEMPLATES, UID, environment
+from builder.selection import chosen_backends
 from builder.spec import BuildSpec
 
-UID = 10001  # the runtime user of every image (templates/_macros.j2 app_user)
-HOME = "/home/app"  # its home: writable (emptyDir) under a read-only root filesystem
 SECRET_KEY = "api-key"  # key inside the `<name>-api-key` Secret
 MARKER = "# Kubernetes manifests rendered by `builder k8s`"  # first line of out/README.md
 
@@ -198,60 +195,73 @@ def workload(spec: BuildSpec, b: backends.Backend, pushed: dict[str, str]) -> Wo
     )
 
 
-def cluster_workloads(spec: BuildSpec, pushed: dict[str, str], c: XinferenceCluster = CLUSTER) -> dict[str, Any]:
-    """Supervisor and workers of Xinference's distributed mode, from the xinference record."""
-    b = backends.get("xinference")
-    prefix = f"{spec.name}-xinference"
-    client_service, peers = f"{prefix}-cluster", f"{prefix}-cluster-peers"
-    image = image_ref(spec, "xinference", pushed)
-    sup_labels, sup_selector = labels(spec, "xinference-cluster", "supervisor")
-    wrk_labels, wrk_selector = labels(spec, "xinference-cluster", "worker")
+def cluster_workloads(
+    spec: BuildSpec, b: backends.Backend, topology: backends.Topology, pushed: dict[str, str]
+) -> dict[str, Any]:
+    """A backend's supervisor + workers topology (Xinference's distributed mode): the values its
+    k8s/<topology>/ templates lay out. The topology's settings hold the layout and the roles' variables."""
+    cluster = topology.settings
+    prefix = f"{spec.name}-{b.name}"
+    peers = f"{prefix}-cluster-peers"
+    client_service = f"{prefix}-cluster"
+    return {
+        "supervisor": _supervisor(spec, b, topology, pushed, peers),
+        "worker": _worker(spec, b, topology, pushed, peers, f"http://{client_service}:{b.port}"),
+        "client_service": client_service,
+        "peers": peers,
+        "cluster": cluster,
+        "cluster_selector": {"app.kubernetes.io/name": topology.name, "app.kubernetes.io/instance": spec.name},
+    }
+
+
+def _env(values: dict[str, str]) -> list[dict]:
+    return [{"name": k, "value": v} for k, v in values.items()]
+
+
+def _supervisor(spec: BuildSpec, b: backends.Backend, topology: backends.Topology, pushed: dict[str, str],
+                peers: str) -> Workload:  # fmt: skip
+    cluster = topology.settings
+    all_labels, selector = labels(spec, topology.name, "supervisor")
     # The supervisor pod's DNS name through the headless peers Service (hostname + subdomain): Xinference
     # binds it and hands it to the workers as the address of its actor pool.
-    sup_host = f"supervisor.{peers}"
-    supervisor = Workload(
+    return Workload(
         backend=b,
-        name=f"{prefix}-supervisor",
-        image=image,
-        labels=sup_labels,
-        selector=sup_selector,
-        env=[
-            {"name": "XINFERENCE_ROLE", "value": "supervisor"},
-            {"name": "XINFERENCE_HOST", "value": sup_host},
-            {"name": "XINFERENCE_SUPERVISOR_PORT", "value": str(c.supervisor_port)},
-            {"name": "XINFERENCE_REPLICAS", "value": str(c.replicas)},
-            {"name": "XINFERENCE_MIN_WORKERS", "value": str(c.workers)},
-            api_key_env(spec, b),
-        ],
+        name=f"{spec.name}-{b.name}-supervisor",
+        image=image_ref(spec, b.name, pushed),
+        labels=all_labels,
+        selector=selector,
+        env=[*_env(cluster.supervisor_env(f"supervisor.{peers}")), api_key_env(spec, b)],
         probes=probes(b),
         resources=resources(spec, b),
         volumes=volumes(spec, b),
         strategy={"type": "Recreate"},  # one supervisor at a time: it owns the cluster's state
         grace=seconds(b.stop_grace_period),
         hpa=False,
-        ports=[{"name": "http", "port": b.port}, {"name": "actor", "port": c.supervisor_port}],
+        ports=[{"name": "http", "port": b.port}, {"name": "actor", "port": cluster.supervisor_port}],
         extra={"hostname": "supervisor", "subdomain": peers},
     )
-    worker_health = {"exec": {"command": list(b.healthcheck.test)}}
-    worker = Workload(
+
+
+def _worker(spec: BuildSpec, b: backends.Backend, topology: backends.Topology, pushed: dict[str, str],
+            peers: str, supervisor_url: str) -> Workload:  # fmt: skip
+    cluster = topology.settings
+    all_labels, selector = labels(spec, topology.name, "worker")
+    health = {"exec": {"command": list(b.healthcheck.test)}}
+    return Workload(
         backend=b,
-        name=f"{prefix}-worker",
-        image=image,
-        labels=wrk_labels,
-        selector=wrk_selector,
+        name=f"{spec.name}-{b.name}-worker",
+        image=image_ref(spec, b.name, pushed),
+        labels=all_labels,
+        selector=selector,
         env=[
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            {"name": "XINFERENCE_ROLE", "value": "worker"},
-            {"name": "XINFERENCE_HOST", "value": f"$(POD_NAME).{peers}"},
-            {"name": "XINFERENCE_SUPERVISOR_URL", "value": f"http://{client_service}:{b.port}"},
-            {"name": "XINFERENCE_WORKER_PORT", "value": str(c.worker_port)},
-            {"name": "XINFERENCE_METRICS_PORT", "value": str(c.metrics_port)},
+            *_env(cluster.worker_env(f"$(POD_NAME).{peers}", supervisor_url)),
         ],
         # Registered with the supervisor = ready; alive = its actor port accepts connections (a
         # liveness check through the supervisor would restart every worker when the supervisor is down).
         probes={
-            "startupProbe": {**worker_health, "periodSeconds": 5, "timeoutSeconds": 30, "failureThreshold": 60},
-            "readinessProbe": {**worker_health, "periodSeconds": 10, "timeoutSeconds": 30, "failureThreshold": 3},
+            "startupProbe": {**health, "periodSeconds": 5, "timeoutSeconds": 30, "failureThreshold": 60},
+            "readinessProbe": {**health, "periodSeconds": 10, "timeoutSeconds": 30, "failureThreshold": 3},
             "livenessProbe": {
                 "tcpSocket": {"port": "actor"},
                 "periodSeconds": 10,
@@ -265,33 +275,11 @@ def cluster_workloads(spec: BuildSpec, pushed: dict[str, str], c: XinferenceClus
         # relaunches its replica itself; on an emptyDir it would come back empty and the replica stay lost.
         volumes=[{**v, "source": None} if v["name"] == "home" else v for v in volumes(spec, b)],
         strategy={"type": "RollingUpdate"},
-        grace=c.worker_grace,
+        grace=cluster.worker_grace,
         hpa=False,
-        ports=[{"name": "actor", "port": c.worker_port}, {"name": "metrics", "port": c.metrics_port}],
-        extra={"replicas": c.workers, "claims": [{"name": "home", "size": c.home_size}]},
+        ports=[{"name": "actor", "port": cluster.worker_port}, {"name": "metrics", "port": cluster.metrics_port}],
+        extra={"replicas": cluster.workers, "claims": [{"name": "home", "size": cluster.home_size}]},
     )
-    return {
-        "supervisor": supervisor,
-        "worker": worker,
-        "client_service": client_service,
-        "peers": peers,
-        "cluster": c,
-        "cluster_selector": {"app.kubernetes.io/name": "xinference-cluster", "app.kubernetes.io/instance": spec.name},
-    }
-
-
-def chosen_backends(spec: BuildSpec) -> list[str]:
-    """The spec's backends; with BACKEND=auto, those that serve the local model; without a model, all."""
-    if spec.backends:
-        return [n for n in backends.NAMES if n in spec.backends]
-    if spec.model:
-        from builder.image.build import resolve_backends
-        from builder.spec import read_model_config
-
-        config = read_model_config(spec)
-        if config is not None:
-            return resolve_backends(spec, config)
-    return list(backends.NAMES)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -306,6 +294,9 @@ class _Dumper(yaml.SafeDumper):
 
 def _to_yaml(value: Any) -> str:
     return yaml.dump(value, Dumper=_Dumper, default_flow_style=False, sort_keys=False, width=1000).rstrip("\n")
+
+
+K8S_TEMPLATES = TEMPLATES / "k8s"
 
 
 def k8s_environment():
@@ -339,15 +330,16 @@ def render_k8s_text(
         if w.hpa:
             put(f"{base}/hpa/kustomization.yaml", "hpa-component.yaml.j2", w=w)
             put(f"{base}/hpa/hpa.yaml", "hpa.yaml.j2", w=w, hpa=HPA)
-    if "xinference" in names:
-        c = cluster_workloads(spec, pushed)
-        files = ["services.yaml", "supervisor.yaml", "worker.yaml", "pdb.yaml", "networkpolicy.yaml"]
+    topologies = [(w.backend, t) for w in workloads for t in w.backend.topologies]
+    for backend, topology in topologies:
+        values = cluster_workloads(spec, backend, topology, pushed)
+        files = [p.name.removesuffix(".j2") for p in sorted((K8S_TEMPLATES / topology.name).glob("*.yaml.j2"))]
         for f in files:
-            put(f"xinference-cluster/{f}", f"xinference-cluster/{f}.j2", **c)
-        put("xinference-cluster/kustomization.yaml", "kustomization.yaml.j2", w=c["supervisor"], resources=files)
+            put(f"{topology.name}/{f}", f"{topology.name}/{f}.j2", **values)
+        put(f"{topology.name}/kustomization.yaml", "kustomization.yaml.j2", w=values["supervisor"], resources=files)
     put("overlays/registry-pull-secret/kustomization.yaml", "overlay.yaml.j2", workloads=workloads)
     put("overlays/registry-pull-secret/pull-secret.yaml", "pull-secret.yaml.j2")
-    put("README.md", "README.md.j2", workloads=workloads, cluster="xinference" in names, marker=MARKER)
+    put("README.md", "README.md.j2", workloads=workloads, topologies=[t for _, t in topologies], marker=MARKER)
     return out
 
 
@@ -362,23 +354,10 @@ def render_k8s(spec: BuildSpec, out: Path, pushed_file: Path | None = None) -> l
         readme = out / "README.md"
         if not (readme.is_file() and readme.read_text().startswith(MARKER)):
             raise BuilderError(f"{out} exists and is not a previous `builder k8s` render: pick another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         for rel, text in files.items():
             path = tmp / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             os.chmod(path, 0o644)
-        os.chmod(tmp, 0o755)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return [out / rel for rel in files]

@@ -1,36 +1,51 @@
-"""Jinja2 templates -> one Dockerfile.<backend> per registered backend, compose.yaml, and
-compose.xinference-cluster.yaml (Xinference's distributed mode on one host).
+"""Jinja2 templates -> one Dockerfile.<backend> per registered backend, compose.yaml, and one
+compose.<topology>.yaml per extra topology a backend has (Xinference's cluster).
 
-Templates hold layout; every decision (which base, which flags) is made here or in the spec and
-handed to them as plain values. Per-model values (model id, quantization, labels) are not
-rendered in: they reach the build as build args, so the committed top-level files serve any model.
+Templates hold layout; every decision (which base, which flags) is made here, in the spec or in the
+backend's record, and handed to them as plain values. Per-model values (model id, quantization,
+labels) are not rendered in: they reach the build as build args, so the committed top-level files
+serve any model.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
 from builder import __version__, backends
-from builder.image.cluster import CLUSTER
+from builder.files import write_atomic
 from builder.spec import BuildSpec
 
-TEMPLATES = Path(__file__).parent / "templates"
-# Output file -> (template, the backend it belongs to or None).
-OUTPUTS: dict[str, tuple[str, backends.Backend | None]] = {
-    **{b.dockerfile: (b.template, b) for b in backends.REGISTRY.values()},
-    "compose.yaml": ("compose.yaml.j2", None),
-    "compose.xinference-cluster.yaml": ("compose.xinference-cluster.yaml.j2", None),
-}
+TEMPLATES = backends.base.TEMPLATES
+UID = 10001  # the runtime user of every image (and of the Kubernetes security context)
+HOME = "/home/app"  # its home: writable (an emptyDir) under a read-only root filesystem
+
+
+@dataclass(frozen=True)
+class Output:
+    template: str
+    backend: backends.Backend | None = None
+    topology: backends.Topology | None = None
+
+
+def outputs(spec: BuildSpec) -> dict[str, Output]:
+    """Output file -> what renders it."""
+    found = {b.dockerfile: Output(b.template_for(spec), b) for b in backends.REGISTRY.values()}
+    found["compose.yaml"] = Output("compose.yaml.j2")
+    for b in backends.REGISTRY.values():
+        for t in b.topologies:
+            found[f"compose.{t.name}.yaml"] = Output(f"compose.{t.name}.yaml.j2", b, t)
+    return found
 
 
 def environment() -> jinja2.Environment:
+    folders = dict.fromkeys([TEMPLATES, *(b.template_dir for b in backends.REGISTRY.values())])
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
+        loader=jinja2.FileSystemLoader([str(f) for f in folders]),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -41,20 +56,31 @@ def environment() -> jinja2.Environment:
     return env
 
 
+def template_values(spec: BuildSpec, output: Output) -> dict[str, Any]:
+    """What one template gets: the spec, the registry, and for a backend's files its record, its pins,
+    how it compiles llama.cpp and its topology's settings."""
+    b = output.backend
+    return {
+        "spec": spec,
+        "version": __version__,
+        "uid": UID,
+        "home": HOME,
+        "backends": backends.REGISTRY,
+        "backend": b,
+        "template": output.template,
+        "cluster": output.topology.settings if output.topology else None,
+        "llama_cpp": llamacpp_build(spec, b),
+        "gguf_toolchain": b.gguf_toolchain_base(spec) if b and b.serves_gguf(spec) else None,
+        **(b.template_values if b else {}),
+    }
+
+
 def render_text(spec: BuildSpec) -> dict[str, str]:
-    """Every output file's text. Templates get the spec, the registry and (Dockerfiles) their backend."""
+    """Every output file's text."""
     env = environment()
     return {
-        name: env.get_template(template).render(
-            spec=spec,
-            version=__version__,
-            backends=backends.REGISTRY,
-            backend=backend,
-            cluster=CLUSTER,
-            llamacpp=llamacpp_build(spec, backend),
-            xllamacpp_version=backends.XLLAMACPP_VERSION,
-        )
-        for name, (template, backend) in OUTPUTS.items()
+        name: env.get_template(output.template).render(**template_values(spec, output))
+        for name, output in outputs(spec).items()
     }
 
 
@@ -75,22 +101,5 @@ def llamacpp_build(spec: BuildSpec, backend: backends.Backend | None) -> dict | 
 
 
 def render_all(spec: BuildSpec, out: Path) -> list[Path]:
-    """Write every output file into `out`, each atomically (temp file + rename)."""
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in render_text(spec).items():
-        written.append(write_atomic(out / name, text))
-    return written
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write every output file into `out`, each atomically."""
+    return [write_atomic(out / name, text) for name, text in render_text(spec).items()]

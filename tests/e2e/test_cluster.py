@@ -266,6 +266,6 @@ def test_a_killed_worker_is_dropped_within_seconds(cluster):
     FIGURES["kill worker-2: requests / failed"] = [len(load.done), len(failed)]
     FIGURES["kill worker-2: dropped after s"] = round(t_dropped - t_kill, 1)
     FIGURES["kill worker-2: failures within s of the kill"] = round(max((r.end - t_kill for r in failed), default=0), 1)
-    assert t_dropped - t_kill < 20, "dead-worker detection is tuned to seconds (xinference_cluster.py)"
+    assert t_dropped - t_kill < 20, "dead-worker detection is tuned to seconds (xinference/cluster.py)"
     assert len(after) >= 20 and all(r.ok for r in after), [r.detail for r in after if not r.ok][:3]
     assert all(r.end > t_kill for r in failed)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.backends import VLLM_UNSUPPORTED
+from builder.backends.vllm import VLLM_UNSUPPORTED
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "tests" / "e2e" / "local-bases.yaml"
@@ -247,8 +247,10 @@ def test_image_contents(built, docker_cmd):
     assert "adapter_config.json" not in probe
 
 
-def test_report_timings(built, refused, docker_cmd):
+def test_image_adds_only_code_and_weights_to_its_base(built, refused, docker_cmd):
+    """Above the vLLM base: the app user, builder's runtime code and the ~2 MB demo model (prints the timings)."""
     sizes = {img: docker_cmd("image", "inspect", "-f", "{{.Size}}", img).stdout.strip() for img in (VLLM_BASE, IMAGE)}
+    assert 0 < int(sizes[IMAGE]) - int(sizes[VLLM_BASE]) < 50e6, sizes
     print(
         "\nvLLM e2e timings:",
         {k: f"{v:.0f}s" for k, v in TIMINGS.items()},

@@ -5,16 +5,12 @@ import os
 import stat
 from pathlib import Path
 
-import pytest
-
-from builder.errors import BuilderError
 from builder.image.build import (
     build_args,
     build_secrets,
     digest_dir,
     prepare_context,
     read_env,
-    resolve_backends,
     write_env,
 )
 from builder.spec import BuildSpec
@@ -42,45 +38,15 @@ GLM = {
 }
 
 
-def test_auto_backends_follow_the_architecture():
-    spec = BuildSpec(model="org/x")
-    assert resolve_backends(spec, GLM) == ["vllm", "chatglmcpp", "llamacpp", "xinference"]
-    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
-    assert resolve_backends(spec, llama) == ["vllm", "llamacpp", "xinference"]
-    # GGUF conversion runs no model code, so remote-code models still get the GGUF backends
-    baichuan = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "auto_map": {"AutoModel": "x"}}
-    assert resolve_backends(spec, baichuan) == ["llamacpp", "xinference"]
-    merged_weights = BuildSpec(model="org/x", xinference_engine="transformers")
-    assert resolve_backends(merged_weights, baichuan) == ["llamacpp"]
-    odd = {"architectures": ["InternLMForCausalLM"], "model_type": "internlm", "auto_map": {"AutoModel": "x"}}
-    with pytest.raises(BuilderError, match="remote code"):
-        resolve_backends(merged_weights, odd)
-    trusted = BuildSpec(model="org/x", xinference_engine="transformers", trust_remote_code=True)
-    assert resolve_backends(trusted, odd) == ["xinference"]
-
-
-def test_explicit_backends_and_hub_auto():
-    assert resolve_backends(BuildSpec(model="org/x", backends="xinference,vllm"), None) == ["vllm", "xinference"]
-    with pytest.raises(BuilderError, match="BACKEND=auto"):
-        resolve_backends(BuildSpec(model="org/x"), None)
-
-
-def test_chatglmcpp_refuses_llama_before_any_build():
-    with pytest.raises(BuilderError, match="chatglm"):
-        resolve_backends(
-            BuildSpec(model="org/x", backends="chatglmcpp"),
-            {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
-        )
-
-
 def test_context_is_minimal_and_links_weights(tmp_path: Path):
     model = _model(tmp_path, **GLM)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     spec = BuildSpec(model=str(model), adapter=adapter)
-    ctx = prepare_context(spec, tmp_path / "build")
+    ctx = prepare_context(spec, tmp_path / "build", adapter)
     assert sorted(p.name for p in ctx.iterdir()) == [".dockerignore", "adapter", "model", "src", "wheels"]
+    assert (ctx / "adapter" / "adapter_config.json").is_file()
     assert (ctx / "src" / "builder" / "__main__.py").is_file()
     assert not list((ctx / "src").rglob("__pycache__"))
     assert os.stat(ctx / "model" / "model.safetensors").st_ino == os.stat(model / "model.safetensors").st_ino
@@ -92,6 +58,9 @@ def test_build_args_carry_per_model_values(tmp_path: Path):
     spec = BuildSpec(model=str(model), quant="q8_0", served_model_name="demo")
     args = build_args(spec, "chatglmcpp")
     assert args["MODEL_SOURCE"] == "local" and args["MODEL_ID"] == "" and args["QUANT"] == "q8_0"
+    assert args["ADAPTER_DIGEST"] == "" and build_args(spec, "chatglmcpp", model)["ADAPTER_DIGEST"].startswith(
+        "sha256:"
+    )
     assert args["RUNTIME_BASE"] == spec.base_images.chatglmcpp and args["SERVED_MODEL_NAME"] == "demo"
     hub = build_args(BuildSpec(model="THUDM/glm-4-9b-chat-hf", revision="v1"), "vllm")
     assert (hub["MODEL_SOURCE"], hub["MODEL_ID"], hub["MODEL_REVISION"]) == (

@@ -23,12 +23,14 @@ import yaml
 from kubernetes_validate import utils as kv
 
 from builder import backends
+from builder.backends.xinference import BACKEND as XINFERENCE
 from builder.image import k8s, push
-from builder.image.cluster import CLUSTER
-from builder.runtime import xinference_boot as xb
-from builder.runtime import xinference_cluster as xc
+from builder.image.render import HOME, UID, render_text
+from builder.runtime.xinference.cluster import ClusterConfig, parse_cluster
+from builder.runtime.xinference.config import parse_args
 from builder.spec import BuildSpec
 
+CLUSTER = XINFERENCE.topologies[0].settings
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "builder" / "image" / "templates"
 CURRENT = kv.major_minor(kv.latest_version())
@@ -204,13 +206,14 @@ def test_cuda_build_asks_for_a_gpu():
 
 def test_security_context_everywhere(default_render):
     """Non-root as the images' user, read-only root filesystem with the writable paths mounted, no escalation."""
-    macros = (TEMPLATES / "_macros.j2").read_text()
-    assert f"--uid {k8s.UID}" in macros and f"--home-dir {k8s.HOME}" in macros, "the images' user moved"
+    for name, text in render_text(BuildSpec()).items():  # the images' user is the manifests'
+        if name.startswith("Dockerfile."):
+            assert f"--uid {UID} " in text and f"--home-dir {HOME} " in text and f"\nUSER {UID}:{UID}\n" in text, name
     workloads = [d for _, d in resource_docs(default_render) if d["kind"] in ("Deployment", "StatefulSet")]
     assert len(workloads) == len(backends.NAMES) + 2
     for doc in workloads:
         pod = doc["spec"]["template"]["spec"]
-        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == k8s.UID
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == UID
         assert pod["automountServiceAccountToken"] is False and pod["enableServiceLinks"] is False
         sc = container(doc)["securityContext"]
         assert sc == {
@@ -219,7 +222,7 @@ def test_security_context_everywhere(default_render):
             "capabilities": {"drop": ["ALL"]},
         }
         mounts = {m["mountPath"] for m in container(doc)["volumeMounts"]}
-        assert {"/tmp", k8s.HOME} <= mounts
+        assert {"/tmp", HOME} <= mounts
 
 
 def test_no_secret_value_in_any_manifest(default_render):
@@ -326,9 +329,9 @@ def _resolve(env: list[dict], pod_name: str) -> dict[str, str]:
     return values
 
 
-def _cluster_config(env: dict[str, str]) -> xc.ClusterConfig:
-    cfg, _ = xb.parse_args([], env)
-    return xc.parse_cluster(cfg, env)
+def _cluster_config(env: dict[str, str]) -> ClusterConfig:
+    cfg, _ = parse_args([], env)
+    return parse_cluster(cfg, env)
 
 
 def test_cluster_manifests_match_the_runtime_roles(default_render):
@@ -364,7 +367,7 @@ def test_cluster_manifests_match_the_runtime_roles(default_render):
     # graceful leave needs time; the home that keeps the recovery state is a claim per worker
     assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == CLUSTER.worker_grace
     assert [c["metadata"]["name"] for c in worker["spec"]["volumeClaimTemplates"]] == ["home"]
-    assert {"name": "home", "mountPath": k8s.HOME} in container(worker)["volumeMounts"]
+    assert {"name": "home", "mountPath": HOME} in container(worker)["volumeMounts"]
     (policy,) = kinds["NetworkPolicy"]
     assert policy["spec"]["podSelector"]["matchLabels"] == peers["spec"]["selector"]
 

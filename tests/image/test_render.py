@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from builder import backends
-from builder.image.render import OUTPUTS, render_all, render_text
+from builder.image.render import outputs, render_all, render_text
 from builder.spec import BuildSpec
+
+OUTPUTS = outputs(BuildSpec())
 
 ROOT = Path(__file__).resolve().parents[2]
 

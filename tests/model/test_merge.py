@@ -91,7 +91,7 @@ CASES = [
 def test_bit_equal_to_peft(tmp_path, case, monkeypatch):
     case_id, arch, dtype, lora_kw, base_kw = case
     if case_id != "plain-bf16":  # the others merge 3 rows at a time (uneven last block), as big models do
-        monkeypatch.setattr("builder.model.merge._MERGE_BLOCK_BYTES", 1000)
+        monkeypatch.setattr("builder.model.merge.peft_math.MERGE_BLOCK_BYTES", 1000)
     base = save_base(make_model(arch, dtype=DT[dtype]), tmp_path / "base", **base_kw)
     if base_kw.get("max_shard_size"):
         assert len(list(base.glob("model-*"))) > 2
@@ -211,6 +211,36 @@ def test_force_and_existing_out(tmp_path):
         merge_model(adapter=adapter, out=base, force=True, quiet=True)
 
 
+def test_adapter_read_without_merging(tmp_path, llama_pair):
+    """The adapter reading the merge uses, on its own (to serve an adapter unmerged): its config, its tensors
+    (read on demand, equal to the saved ones), and the base it was trained on, SWIFT checkpoints included."""
+    from safetensors.torch import load_file
+
+    from builder.model.merge import read_adapter, resolve_base
+
+    base, adapter = llama_pair
+    loaded = read_adapter(adapter)
+    raw = json.loads((adapter / "adapter_config.json").read_text())
+    assert (loaded.spec.r, loaded.spec.lora_alpha, loaded.spec.use_dora) == (raw["r"], raw["lora_alpha"], False)
+    assert loaded.weights_file == adapter / "adapter_model.safetensors"
+    saved = load_file(loaded.weights_file)
+    assert saved.keys() == loaded.tensors.keys()
+    for name, t in loaded.tensors.items():
+        assert t.shape == tuple(saved[name].shape) and torch.equal(t.load(), saved[name])
+    assert resolve_base(adapter) == base
+
+    run = tmp_path / "output" / "v0"
+    ckpt = shutil.copytree(adapter, run / "checkpoint-3")
+    (ckpt / "adapter_config.json").write_text(json.dumps({**raw, "base_model_name_or_path": "org/not-here"}))
+    with pytest.raises(BuilderError, match="org/not-here.*pass --base"):
+        resolve_base(ckpt)
+    (run / "sft_args.json").write_text(json.dumps({"model_dir": str(base)}))
+    assert resolve_base(ckpt) == base
+    (ckpt / "adapter_config.json").write_text(json.dumps({**raw, "peft_type": "IA3"}))
+    with pytest.raises(BuilderError, match="IA3 adapter"):
+        read_adapter(ckpt)
+
+
 # ---- bad input: a clear BuilderError before anything is written
 
 
@@ -308,11 +338,11 @@ def test_bad_base_unknown(tmp_path, llama_pair):
 
 
 def test_failure_midway_leaves_nothing(tmp_path, llama_pair, monkeypatch):
-    import builder.model.merge as m
+    import builder.model.merge.stream as m
 
     base, adapter = llama_pair
     calls = {"n": 0}
-    real = m._merge_weight
+    real = m.merge_weight
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -320,7 +350,7 @@ def test_failure_midway_leaves_nothing(tmp_path, llama_pair, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(m, "_merge_weight", flaky)
+    monkeypatch.setattr(m, "merge_weight", flaky)
     with pytest.raises(KeyboardInterrupt):
         merge_model(base=base, adapter=adapter, out=tmp_path / "out", quiet=True)
     assert calls["n"] == 9

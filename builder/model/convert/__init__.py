@@ -19,8 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from builder.errors import BuilderError
+from builder.files import atomic_file
 
-QUANTS = ["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+# The GGML types chatglm.cpp's converter writes.
+QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 SUPPORTED = (
     "ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B-Chat (original THUDM layout, model_type 'chatglm') and "
     "transformers-native GLM (GlmForCausalLM, model_type 'glm', e.g. glm-4-9b-chat-hf)"
@@ -343,22 +345,17 @@ def convert_model(model: Path, quant: str, out: Path, quiet: bool = False) -> Pa
 
         from tqdm import tqdm as _tqdm
 
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         saved = {name: getattr(cc, name) for name in ["tqdm", *_QUANTIZERS]}
         cc.tqdm = functools.partial(_tqdm, disable=quiet, file=sys.stderr, unit="tensor")
         for name in _QUANTIZERS:
             setattr(cc, name, _row_chunked(saved[name]))
         try:
-            with open(tmp, "wb") as f, contextlib.redirect_stdout(log):  # its tensor table goes to stderr
-                converter.convert(f, prep.model, prep.tokenizer, ggml_type)
-            from builder.model.convert.inspect import read_ggml
+            with atomic_file(out) as tmp:
+                with open(tmp, "wb") as f, contextlib.redirect_stdout(log):  # its tensor table goes to stderr
+                    converter.convert(f, prep.model, prep.tokenizer, ggml_type)
+                from builder.model.convert.inspect import read_ggml
 
-            read_ggml(tmp)  # walks every record to the end of the file, or raises
-            os.replace(tmp, out)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+                read_ggml(tmp)  # walks every record to the end of the file, or raises
         finally:
             for name, fn in saved.items():
                 setattr(cc, name, fn)

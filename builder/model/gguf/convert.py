@@ -16,10 +16,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.backends import GGUF_QUANTS as QUANTS
 from builder.errors import BuilderError
+from builder.files import atomic_file
 from builder.model.gguf import llamacpp
 
+# The GGUF types `convert_gguf` writes (llama-quantize's names, lower case).
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k")
 FLOAT_TYPES = ("f32", "f16", "bf16")  # written by the converter itself; the others by llama-quantize
 ARCHITECTURES_FILE = Path(__file__).with_name("architectures.txt")
 # Where the host keeps the pinned source and its own build (`make llamacpp`); the image build sets
@@ -143,8 +145,7 @@ def convert_gguf(
     src = source_dir()
     quantizer = None if quant in FLOAT_TYPES else quantize_binary()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with tempfile.TemporaryDirectory(prefix="builder-gguf-", dir=out.parent) as work:
+    with tempfile.TemporaryDirectory(prefix="builder-gguf-", dir=out.parent) as work, atomic_file(out) as tmp:
         work_dir = Path(work)
         folder = originals.converter_folder(model, work_dir)
         float_type = quant if quant in FLOAT_TYPES else source_float_type(model)
@@ -153,15 +154,11 @@ def convert_gguf(
         if pre_tokenizer:
             cmd += ["--pre-tokenizer", pre_tokenizer]
         cmd += ["--", str(folder), "--outfile", str(first), "--outtype", float_type, *(["--no-lazy"] if eager else [])]
-        try:
-            peak = _run(cmd, quiet, "convert_hf_to_gguf.py")
-            if quantizer is not None:
-                threads = str(max(1, os.cpu_count() or 1))
-                _run([str(quantizer), str(first), str(tmp), quant.upper(), threads], quiet, "llama-quantize")
-            read_gguf(tmp)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        peak = _run(cmd, quiet, "convert_hf_to_gguf.py")
+        if quantizer is not None:
+            threads = str(max(1, os.cpu_count() or 1))
+            _run([str(quantizer), str(first), str(tmp), quant.upper(), threads], quiet, "llama-quantize")
+        read_gguf(tmp)
     return Converted(out, quant, peak)
 
 

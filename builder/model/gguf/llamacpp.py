@@ -4,8 +4,9 @@ The PyPI sdist of llama-cpp-python vendors the whole of llama.cpp (vendor/llama.
 server and quantizer, `convert_hf_to_gguf.py` with its `conversion/` package, and `gguf-py`. Pinning
 that sdist by version and hash pins all of them together; nothing is fetched from anywhere else.
 
-Standard library only: the image build's source stage and `make llamacpp` both run
-`python -m builder.model.gguf.llamacpp`, which neither needs torch nor imports it.
+Standard library and builder/files.py only, no torch: `make llamacpp` runs
+`python -m builder.model.gguf.llamacpp`, and the image build's source stage runs this file alone
+(/opt/llamacpp.py, with files.py copied beside it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+try:
+    from builder.files import atomic_dir, write_atomic
+except ImportError:  # run alone (the image's source stage): builder/files.py is copied beside this file
+    from files import atomic_dir, write_atomic
+
 SDIST = "llama-cpp-python"
 VERSION = "0.3.36"
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -29,9 +35,9 @@ TARGETS = ("llama-server", "llama-quantize")
 # them (the image's build stage compiles them in the same build tree, into a folder of their own).
 QUALITY_TARGETS = ("llama-perplexity", "llama-imatrix")
 # The host's copy (`make llamacpp`): source, and the test build of llama-server and llama-quantize, in
-# the checkout's .cache/ (this file also runs alone, copied into the image build's source stage).
+# the checkout's .cache/ (this file also runs alone, copied with files.py into the image build's source stage).
 _HERE = Path(__file__).resolve()
-HOST_HOME = (_HERE.parents[3] if len(_HERE.parents) > 3 else Path.cwd()) / ".cache" / "llamacpp" / VERSION
+HOST_HOME = (_HERE.parents[3] if len(_HERE.parents) > 3 else Path.cwd()) / ".cache" / "llama.cpp" / VERSION
 
 # Every build: Release, no network client (models are baked in), no tests/examples/web UI, and no
 # -march=native unless a caller asks for it (GGML_NATIVE=ON only for the host's own test build).
@@ -63,8 +69,17 @@ CPU_BUILDS = {
     "all-variants": ("-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON"),
     "avx2": ("-DGGML_SSE42=ON", "-DGGML_AVX=ON", "-DGGML_F16C=ON", "-DGGML_FMA=ON", "-DGGML_AVX2=ON", "-DGGML_BMI2=ON"),
 }
-# The host's test build: one CPU variant for this machine, static binaries (fastest to compile).
-CMAKE_HOST = (*CMAKE_COMMON, "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF")
+# The host's test build: one CPU variant for this machine, static binaries (fastest to compile). Without
+# AMX: on Sapphire Rapids hosts -march=native compiles ggml's AMX matmul, which crashes on this pin for
+# the tests' small models (SIGSEGV in ggml_backend_amx_mul_mat); explicit -mno-amx-* win over -march.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+CMAKE_HOST = (
+    *CMAKE_COMMON,
+    "-DGGML_NATIVE=ON",
+    "-DBUILD_SHARED_LIBS=OFF",
+    f"-DCMAKE_C_FLAGS={NO_AMX}",
+    f"-DCMAKE_CXX_FLAGS={NO_AMX}",
+)
 
 
 def cmake_image_flags(cuda_architectures: str | None = None, cpu: str = "all-variants") -> list[str]:
@@ -80,7 +95,7 @@ def log(msg: str) -> None:
 
 
 def fetch_source(out: Path, download_dir: Path | None = None) -> Path:
-    """vendor/llama.cpp of the pinned sdist at `out` (hash-checked by pip; extracted to a temp dir, then renamed)."""
+    """vendor/llama.cpp of the pinned sdist at `out` (hash-checked by pip; extracted beside `out`, then renamed)."""
     out = Path(out)
     if (out / "convert_hf_to_gguf.py").is_file():
         return out
@@ -98,25 +113,29 @@ def fetch_source(out: Path, download_dir: Path | None = None) -> Path:
             cmd += ["--require-hashes", "-r", str(req), "-d", str(dl), "--disable-pip-version-check", "-q"]
             subprocess.run(cmd, check=True)
         _check_sha256(sdist)
-        prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
-        extracted = tmp_path / "llama.cpp"
-        # Regular files and folders only, under vendor/llama.cpp (the "data" filter where this Python has it).
-        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (m.isfile() or m.isdir())]
-            for m in members:
-                m.name = m.name[len(prefix) :]
-                if not m.name or m.name == ".git" or m.name.startswith(".git/") or ".." in Path(m.name).parts:
-                    continue
-                tar.extract(m, extracted, **safe)
-        # The sdist's .git is a file pointing into the sdist's own git dir: without it cmake only
-        # warns that there is no repository (and takes LLAMA_BUILD_COMMIT instead).
-        (extracted / ".git").unlink(missing_ok=True)
-        if not (extracted / "convert_hf_to_gguf.py").is_file():
-            raise RuntimeError(f"{sdist} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
-        os.replace(extracted, out)
+        with atomic_dir(out, replace=True) as extracted:  # replaces only an incomplete earlier copy
+            _extract_vendored(sdist, extracted)
     log(f"llama.cpp source at {out}")
     return out
+
+
+def _extract_vendored(sdist: Path, extracted: Path) -> None:
+    """The sdist's vendor/llama.cpp into the folder `extracted` (regular files and folders only)."""
+    prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+    # Regular files and folders only, under vendor/llama.cpp (the "data" filter where this Python has it).
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (m.isfile() or m.isdir())]
+        for m in members:
+            m.name = m.name[len(prefix) :]
+            if not m.name or m.name == ".git" or m.name.startswith(".git/") or ".." in Path(m.name).parts:
+                continue
+            tar.extract(m, extracted, **safe)
+    # The sdist's .git is a file pointing into the sdist's own git dir: without it cmake only
+    # warns that there is no repository (and takes LLAMA_BUILD_COMMIT instead).
+    (extracted / ".git").unlink(missing_ok=True)
+    if not (extracted / "convert_hf_to_gguf.py").is_file():
+        raise RuntimeError(f"{sdist} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
 
 
 def _check_sha256(path: Path) -> None:
@@ -139,14 +158,10 @@ def build(src: Path, out: Path, flags: list[str], jobs: int | None = None, targe
     log(f"cmake {' '.join(flags)}")
     subprocess.run(["cmake", "-S", str(src), "-B", str(work), *generator, *flags], check=True)
     subprocess.run(["cmake", "--build", str(work), "--target", *targets, "-j", str(jobs)], check=True)
-    staged = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir(parents=True)
-    for f in sorted((work / "bin").iterdir()):
-        if f.name in targets or ".so" in f.name:
-            shutil.copy2(f, staged / f.name, follow_symlinks=False)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(staged, out)
+    with atomic_dir(out, replace=True) as staged:
+        for f in sorted((work / "bin").iterdir()):
+            if f.name in targets or ".so" in f.name:
+                shutil.copy2(f, staged / f.name, follow_symlinks=False)
     log(f"built {', '.join(targets)} into {out}")
     return out
 
@@ -196,7 +211,7 @@ def _build_stamped(out: Path, targets: tuple[str, ...]) -> Path:
         raise SystemExit(f"[llamacpp] need {' and '.join(missing)} to build llama.cpp (apt-get install cmake g++)")
     src = fetch_source(HOST_HOME / "src", HOST_HOME.parent / "dl")
     build(src, out, list(CMAKE_HOST), targets=targets)
-    stamp.write_text(want)
+    write_atomic(stamp, want)
     return out
 
 

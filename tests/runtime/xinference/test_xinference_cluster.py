@@ -1,5 +1,5 @@
-"""builder.runtime.xinference_cluster: roles, commands, the supervisor's launch decisions, a worker's
-graceful leave (real processes: the boot script, a stand-in `xinference-worker` that hosts its actor
+"""builder.runtime.xinference.cluster: roles, commands, the supervisor's launch decisions, a worker's
+graceful leave (real processes: the boot, a stand-in `xinference-worker` that hosts its actor
 pool as a child, as 4.1.0 does, and a stand-in supervisor HTTP API on 127.0.0.1).
 
 The real distributed mode (Xinference 4.1.0's supervisor and two workers in containers, a worker
@@ -21,46 +21,55 @@ from pathlib import Path
 
 import pytest
 
-from builder.runtime import xinference_boot as xb
-from builder.runtime import xinference_cluster as xc
+from builder.runtime.xinference import cluster, config, registration
+from builder.runtime.xinference.__main__ import main
+from builder.runtime.xinference.api import Api
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from builder.demo.tiny import make_random_glm
-
-    return make_random_glm(tmp_path_factory.mktemp("xinf-cluster") / "model")
+REPO = Path(__file__).resolve().parents[3]
 
 
-def _cfg(env: dict) -> tuple[xb.BootConfig, xc.ClusterConfig]:
-    cfg, _ = xb.parse_args([], env)
-    return cfg, xc.parse_cluster(cfg, env)
+def _cfg(env: dict) -> tuple[config.BootConfig, cluster.ClusterConfig]:
+    cfg, _ = config.parse_args([], env)
+    return cfg, cluster.parse_cluster(cfg, env)
 
 
 # --------------------------------------------------------------------------- configuration
 
 
 def test_roles_and_defaults():
-    cfg, cl = _cfg({"XINFERENCE_ROLE": "supervisor", "XINFERENCE_HOST": "supervisor", "XINFERENCE_REPLICAS": "3"})
-    assert (cl.role, cl.host, cl.replicas, cl.min_workers, cl.supervisor_port) == (
+    cfg, cluster_cfg = _cfg(
+        {"XINFERENCE_ROLE": "supervisor", "XINFERENCE_HOST": "supervisor", "XINFERENCE_REPLICAS": "3"}
+    )
+    assert (
+        cluster_cfg.role,
+        cluster_cfg.host,
+        cluster_cfg.replicas,
+        cluster_cfg.min_workers,
+        cluster_cfg.supervisor_port,
+    ) == (
         "supervisor",
         "supervisor",
         3,
         3,
         19997,
     )
-    assert xc.supervisor_command(cfg, cl)[1:] == ["-H", "supervisor", "-p", "9997", "--supervisor-port", "19997"]
+    assert cluster.supervisor_command(cfg, cluster_cfg)[1:] == [
+        "-H",
+        "supervisor",
+        "-p",
+        "9997",
+        "--supervisor-port",
+        "19997",
+    ]
     env = {
         "XINFERENCE_ROLE": "Worker",
         "XINFERENCE_HOST": "worker-1",
         "XINFERENCE_SUPERVISOR_URL": "http://supervisor:9997/",
         "XINFERENCE_WORKER_PORT": "31000",
     }
-    cfg, cl = _cfg(env)
-    assert cl.worker_address == "worker-1:31000" and cl.supervisor_url == "http://supervisor:9997"
-    assert xc.worker_command(cfg, cl)[1:] == [
+    cfg, cluster_cfg = _cfg(env)
+    assert cluster_cfg.worker_address == "worker-1:31000" and cluster_cfg.supervisor_url == "http://supervisor:9997"
+    assert cluster.worker_command(cfg, cluster_cfg)[1:] == [
         "-e", "http://supervisor:9997", "-H", "worker-1", "--worker-port", "31000",
         "-MH", "worker-1", "--metrics-exporter-port", "30002",
     ]  # fmt: skip
@@ -77,25 +86,25 @@ def test_roles_and_defaults():
     ],
 )
 def test_bad_configuration_is_refused(env, message):
-    cfg, _ = xb.parse_args([], env)
-    with pytest.raises(xb.BootError, match=message):
-        xc.parse_cluster(cfg, env)
-    assert xb.main([], env) == 2  # the entry point says why and exits 2, starting nothing
+    cfg, _ = config.parse_args([], env)
+    with pytest.raises(config.BootError, match=message):
+        cluster.parse_cluster(cfg, env)
+    assert main([], env) == 2  # the entry point says why and exits 2, starting nothing
 
 
 def test_cluster_env_speeds_up_dead_worker_detection_unless_set():
-    cfg, _ = xb.parse_args([], {})
-    env = xc.cluster_env(cfg, {"XINFERENCE_HEALTH_CHECK_TIMEOUT": "7"})
+    cfg, _ = config.parse_args([], {})
+    env = cluster.cluster_env(cfg, {"XINFERENCE_HEALTH_CHECK_TIMEOUT": "7"})
     assert env["XINFERENCE_HEALTH_CHECK_INTERVAL"] == "1" and env["XINFERENCE_HEALTH_CHECK_FAILURE_THRESHOLD"] == "3"
     assert env["XINFERENCE_HEALTH_CHECK_TIMEOUT"] == "7"
 
 
 def test_worker_seeds_the_registration(tiny_model, tmp_path):
-    cfg, _ = xb.parse_args(
+    cfg, _ = config.parse_args(
         [], {"MODEL_PATH": str(tiny_model), "SERVED_MODEL_NAME": "tiny", "XINFERENCE_HOME": str(tmp_path)}
     )
-    spec = xb.model_spec(cfg)
-    path = xc.seed_registration(cfg, spec)
+    spec = registration.model_spec(cfg)
+    path = cluster.seed_registration(cfg, spec)
     assert path == tmp_path / "model" / "v2" / "llm" / "tiny.json"
     assert json.loads(path.read_text()) == spec
 
@@ -166,9 +175,9 @@ def test_supervisor_launches_once_every_worker_is_registered(supervisor, tiny_mo
         "XINFERENCE_HOST": "supervisor",
         "XINFERENCE_REPLICAS": "2",
     }
-    cfg, cl = _cfg(env)
-    launch = xb.launch_request(cfg, xb.model_spec(cfg))
-    api = xb.Api(supervisor.url)
+    cfg, cluster_cfg = _cfg(env)
+    launch = registration.launch_request(cfg, registration.model_spec(cfg))
+    api = Api(supervisor.url)
 
     def join():
         for w in ("worker-1:30001", "worker-2:30001"):
@@ -176,24 +185,24 @@ def test_supervisor_launches_once_every_worker_is_registered(supervisor, tiny_mo
             supervisor.workers.append(w)
 
     threading.Thread(target=join, daemon=True).start()
-    assert xc.launch_replicas(api, cfg, cl, launch, None, time.monotonic() + 30) == "launched"
+    assert cluster.launch_replicas(api, cfg, cluster_cfg, launch, None, time.monotonic() + 30) == "launched"
     (workers, body), *more = supervisor.launches
     assert not more and len(workers) == 2, "launched before both workers were registered"
     assert body["replica"] == 2 and body["model_uid"] == "tiny" and body["model_engine"] == "Transformers"
     # A restarted supervisor whose workers replayed the model launches nothing.
-    assert xc.launch_replicas(api, cfg, cl, launch, None, time.monotonic() + 5) == "running"
+    assert cluster.launch_replicas(api, cfg, cluster_cfg, launch, None, time.monotonic() + 5) == "running"
     assert len(supervisor.launches) == 1
     supervisor.workers.clear()
-    with pytest.raises(xb.BootError, match="0 of 2 workers"):
-        xc.launch_replicas(api, cfg, cl, launch, None, time.monotonic() + 1)
+    with pytest.raises(config.BootError, match="0 of 2 workers"):
+        cluster.launch_replicas(api, cfg, cluster_cfg, launch, None, time.monotonic() + 1)
 
 
 def test_worker_health_asks_the_supervisor(supervisor):
     env = {"XINFERENCE_ROLE": "worker", "XINFERENCE_HOST": "worker-1", "XINFERENCE_SUPERVISOR_URL": supervisor.url}
-    assert xb.main(["--health"], env) == 1
+    assert main(["--health"], env) == 1
     supervisor.workers.append("worker-1:30001")
-    assert xb.main(["--health"], env) == 0
-    assert xb.main(["--health"], {**env, "XINFERENCE_SUPERVISOR_URL": "http://127.0.0.1:9"}) == 1
+    assert main(["--health"], env) == 0
+    assert main(["--health"], {**env, "XINFERENCE_SUPERVISOR_URL": "http://127.0.0.1:9"}) == 1
 
 
 # --------------------------------------------------------------------------- a worker's graceful leave
@@ -271,7 +280,7 @@ def test_stopping_a_worker_deregisters_it_first(supervisor, tiny_model, tmp_path
         "XINFERENCE_SUPERVISOR_URL": supervisor.url,
     }
     boot = subprocess.Popen(
-        [sys.executable, "-m", "builder.runtime.xinference_boot"], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "builder.runtime.xinference"], env=env, stderr=subprocess.PIPE, text=True
     )
     try:
         _wait_for(lambda: {"pool": "started"} in _events(log))
@@ -295,13 +304,13 @@ def test_stopping_a_worker_deregisters_it_first(supervisor, tiny_model, tmp_path
 def test_a_worker_that_does_not_leave_in_time_gets_sigterm():
     """The leave has a deadline: a worker whose pool ignores SIGINT is sent SIGTERM after `grace` seconds."""
     pool = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"
-    host = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {pool!r}, '{xc.WORKER_POOL_MARKER}']); time.sleep(60)"
+    host = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {pool!r}, '{cluster.WORKER_POOL_MARKER}']); time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", host])
     pools: list[int] = []
     try:
-        _wait_for(lambda: bool(pools.extend(xc.actor_pools(proc.pid)) or pools))
+        _wait_for(lambda: bool(pools.extend(cluster.actor_pools(proc.pid)) or pools))
         start = time.monotonic()
-        xc.leave(proc, grace=0.5)
+        cluster.leave(proc, grace=0.5)
         assert proc.wait(timeout=10) == -signal.SIGTERM
         assert 0.4 < time.monotonic() - start < 5
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from _openai_features import FEATURES, probe
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 XINFERENCE_VENV = Path(os.environ.get("XINFERENCE_VENV") or REPO / ".venv-xinference")
 XINFERENCE_LOCAL = XINFERENCE_VENV / "bin" / "xinference-local"
 XLLAMACPP_DIR = Path(os.environ.get("XLLAMACPP_DIR") or "")
@@ -39,22 +39,22 @@ def test_gguf_registration_and_launch(tmp_path):
     """The llama.cpp engine's registration: ggufv2, the image's QUANT, the folder's one .gguf file."""
     import json
 
-    from builder.runtime import xinference_boot as xb
+    from builder.runtime.xinference import config, registration
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GlmForCausalLM"], "seq_length": 4096}))
     (tmp_path / "model.gguf").write_bytes(b"GGUF" + bytes(2_000_000))
     env = {"MODEL_PATH": str(tmp_path), "XINFERENCE_ENGINE": "llama.cpp", "XINFERENCE_QUANTIZATION": "q4_k_m"}
-    cfg, _ = xb.parse_args([], env)
-    spec = xb.model_spec(cfg)
+    cfg, _ = config.parse_args([], env)
+    spec = registration.model_spec(cfg)
     (weights,) = spec["model_specs"]
     assert weights["model_format"] == "ggufv2" and weights["quantization"] == "q4_k_m"
     assert weights["model_file_name_template"] == "model.gguf"
     assert weights["model_uri"] == f"file://{tmp_path.resolve()}" and spec["context_length"] == 4096
-    launch = xb.launch_request(cfg, spec)
+    launch = registration.launch_request(cfg, spec)
     assert (launch["model_engine"], launch["model_format"], launch["quantization"]) == ("llama.cpp", "ggufv2", "q4_k_m")
     (tmp_path / "other.gguf").write_bytes(b"GGUF")
-    with pytest.raises(xb.BootError, match="exactly one .gguf"):
-        xb.model_spec(cfg)
+    with pytest.raises(config.BootError, match="exactly one .gguf"):
+        registration.model_spec(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def _boot(model: Path, engine: str, home: Path) -> tuple[subprocess.Popen, str]:
         XINFERENCE_QUANTIZATION="q8_0", PYTHONPATH=os.pathsep.join(p for p in (str(REPO), str(XLLAMACPP_DIR)) if p),
     )  # fmt: skip
     log = open(home / "boot.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "builder.runtime.xinference_boot"], env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen([sys.executable, "-m", "builder.runtime.xinference"], env=env, stdout=log, stderr=log)
     deadline = time.monotonic() + BOOT_TIMEOUT
     while "model 'demo' running" not in (home / "boot.log").read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -1,9 +1,10 @@
-"""builder.runtime.xinference_boot: unit tests, then a real xinference-local on a tiny GLM (CPU, 127.0.0.1 only).
+"""builder.runtime.xinference.process: a real xinference-local on a tiny GLM (CPU, 127.0.0.1 only), booted by
+`python -m builder.runtime.xinference` as the container does, then registered, launched, checked and restarted.
 
-The integration part needs Xinference 4.1.0 in its own venv (`make xinference-venv`, found through
-$XINFERENCE_VENV, default <repo>/.venv-xinference): the project venv never imports xinference. The
-boot script itself runs with the project's Python, like the CLI will; it starts that venv's
-`xinference-local`, and the Xinference Python client runs as a subprocess with that venv's Python.
+It needs Xinference 4.1.0 in its own venv (`make xinference-venv`, found through $XINFERENCE_VENV,
+default <repo>/.venv-xinference): the project venv never imports xinference. The boot itself runs
+with the project's Python; it starts that venv's `xinference-local`, and the Xinference Python client
+runs as a subprocess with that venv's Python.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.runtime import xinference_boot as xb
+from builder.runtime.xinference.__main__ import main
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 XINFERENCE_VENV = Path(os.environ.get("XINFERENCE_VENV") or REPO / ".venv-xinference")
 XINFERENCE_LOCAL = XINFERENCE_VENV / "bin" / "xinference-local"
 XINFERENCE_PY = XINFERENCE_VENV / "bin" / "python"
@@ -33,132 +34,40 @@ KEY = "sk-boot-test-0123456789abcdef"
 ADMIN_PASSWORD = "boot-test-admin-pw"
 BOOT_TIMEOUT = 420  # seconds; a shared 2-core box under load needs the margin
 
-needs_xinference = pytest.mark.skipif(
-    not XINFERENCE_LOCAL.exists(),
-    reason=f"no Xinference venv at {XINFERENCE_VENV} (run `make xinference-venv` or set XINFERENCE_VENV)",
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from builder.demo.tiny import make_random_glm
-
-    return make_random_glm(tmp_path_factory.mktemp("xinf") / "model")
-
-
-# --------------------------------------------------------------------------- unit tests
-
-
-def test_spec_from_model_folder(tiny_model):
-    cfg, _ = xb.parse_args([], {"MODEL_PATH": str(tiny_model), "SERVED_MODEL_NAME": MODEL})
-    spec = xb.model_spec(cfg)
-    tok_cfg = json.loads((tiny_model / "tokenizer_config.json").read_text())
-    gen = json.loads((tiny_model / "generation_config.json").read_text())
-    assert spec["version"] == 2 and spec["model_name"] == MODEL and spec["model_family"] == MODEL
-    assert spec["model_ability"] == ["generate", "chat"]
-    assert spec["chat_template"] == tok_cfg["chat_template"]
-    assert spec["stop_token_ids"] == gen["eos_token_id"]
-    assert spec["stop"] == ["<|endoftext|>", "<|user|>", "<|observation|>"]
-    assert spec["context_length"] == 2048  # config.json max_position_embeddings
-    assert spec["architectures"] == ["GlmForCausalLM"]
-    (s,) = spec["model_specs"]
-    assert s["model_format"] == "pytorch" and s["quantization"] == "none"
-    assert s["model_uri"] == f"file://{tiny_model.resolve()}"
-    assert s["model_size_in_billions"] == "0_1"  # tiny: the smallest label Xinference accepts
-    # A context length from the environment wins over config.json.
-    cfg, _ = xb.parse_args([], {"MODEL_PATH": str(tiny_model), "XINFERENCE_CONTEXT_LENGTH": "1024"})
-    assert xb.model_spec(cfg)["context_length"] == 1024 and cfg.model_name == "model"
-
-
-def test_chat_template_fallbacks(tmp_path):
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-    assert xb.chat_template(tmp_path) is None
-    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
-    assert xb.chat_template(tmp_path) == "{{ messages }}"
-    (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]})
-    )
-    assert xb.chat_template(tmp_path) == "D"
-    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2, "seq_length": 8192}))
-    assert xb.context_length(tmp_path) == 8192
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
-    assert xb.stop_tokens(tmp_path) == ([2], ["</s>"])
-
-
-def test_model_spec_rejects_non_hf_folder(tmp_path):
-    cfg, _ = xb.parse_args(["--model-path", str(tmp_path)], {})
-    with pytest.raises(xb.BootError, match="no config.json"):
-        xb.model_spec(cfg)
-    assert xb.main(["--model-path", str(tmp_path)], {"XINFERENCE_AUTH": "off"}) == 2
-
-
-def test_launch_request_engines_and_remote_code(tiny_model):
-    env = {"MODEL_PATH": str(tiny_model), "SERVED_MODEL_NAME": MODEL}
-    cfg, _ = xb.parse_args([], env)
-    launch = xb.launch_request(cfg, xb.model_spec(cfg))
-    assert launch["model_engine"] == "Transformers" and launch["model_uid"] == MODEL
-    assert "trust_remote_code" not in launch and "n_gpu" not in launch
-    cfg, _ = xb.parse_args(
-        [],
-        {
-            **env,
-            "XINFERENCE_ENGINE": "vllm",
-            "TRUST_REMOTE_CODE": "1",
-            "XINFERENCE_N_GPU": "2",
-            "XINFERENCE_LAUNCH_ARGS": '{"gpu_memory_utilization": 0.8}',
-        },
-    )
-    launch = xb.launch_request(cfg, xb.model_spec(cfg))
-    assert launch["model_engine"] == "vLLM" and launch["trust_remote_code"] is True
-    assert launch["n_gpu"] == 2 and launch["gpu_memory_utilization"] == 0.8
-    assert xb.xinference_env(cfg, {})["XINFERENCE_TRUST_REMOTE_CODE"] == "1"
-    with pytest.raises(xb.BootError, match="XINFERENCE_ENGINE"):
-        xb.parse_args([], {"XINFERENCE_ENGINE": "sglang"})
-
-
-def test_xinference_env_auth_and_secrets(tmp_path):
-    base = {
-        "API_KEY": "k",
-        "XINFERENCE_API_KEY": "k",
-        "XINFERENCE_ADMIN_PASSWORD": "p",
-        "PATH": "/bin",
-        "XINFERENCE_TRUST_REMOTE_CODE": "1",
-    }
-    cfg, _ = xb.parse_args([], {**base, "XINFERENCE_HOME": str(tmp_path), "XINFERENCE_TRUST_REMOTE_CODE": "0"})
-    env = xb.xinference_env(cfg, base)
-    assert env["XINFERENCE_AUTH_ADVANCED"] == "true" and env["XINFERENCE_HOME"] == str(tmp_path)
-    assert env["XINFERENCE_TRUST_REMOTE_CODE"] == "0"  # default off, whatever leaked in
-    assert not {"API_KEY", "XINFERENCE_API_KEY", "XINFERENCE_ADMIN_PASSWORD"} & env.keys()
-    assert env["HF_HUB_OFFLINE"] == "1" and env["PATH"] == "/bin"
-    for word in ("off", "0", "false", "disabled"):
-        cfg, _ = xb.parse_args([], {"XINFERENCE_AUTH": word})
-        assert xb.xinference_env(cfg, {})["XINFERENCE_AUTH_ADVANCED"] == "false"
-        assert xb.resolve_api_key(cfg, create=True) is None
-    with pytest.raises(xb.BootError):
-        xb.parse_args([], {"XINFERENCE_AUTH": "maybe"})
-    # API_KEY (compose's project-wide key) is honoured when XINFERENCE_API_KEY is unset.
-    cfg, _ = xb.parse_args([], {"API_KEY": "from-compose"})
-    assert xb.resolve_api_key(cfg, create=False) == "from-compose"
-
-
-def test_generated_key_is_kept(tmp_path):
-    cfg, _ = xb.parse_args([], {"XINFERENCE_HOME": str(tmp_path)})
-    assert xb.resolve_api_key(cfg, create=False) is None
-    key = xb.resolve_api_key(cfg, create=True)
-    path = tmp_path / "auth" / xb.BOOT_KEY_FILE
-    assert key.startswith("xf-") and path.read_text().strip() == key
-    assert path.stat().st_mode & 0o777 == 0o600
-    assert xb.resolve_api_key(cfg, create=True) == key  # stable across restarts
-
 
 def test_health_fails_without_server():
     port = _free_port()
-    assert xb.main(["--health"], {"XINFERENCE_PORT": str(port), "XINFERENCE_API_KEY": "x"}) == 1
+    assert main(["--health"], {"XINFERENCE_PORT": str(port), "XINFERENCE_API_KEY": "x"}) == 1
 
 
-@needs_xinference
-def test_xinference_python_is_the_venvs():
-    assert Path(xb.xinference_python(str(XINFERENCE_LOCAL))).parent == XINFERENCE_VENV / "bin"
+@pytest.mark.parametrize(
+    "script, code, logged",
+    [
+        ("exit 3", 3, "xinference-local exited with 3"),  # died during setup: its code is ours
+        ("kill -TERM $$", 128 + signal.SIGTERM, "xinference-local exited with -15"),  # killed: 128 + N
+        ("exec sleep 60", 1, "did not answer in time"),  # alive but never up: stopped, exit 1
+    ],
+)
+def test_a_failed_setup_stops_xinference_and_says_why(tiny_model, tmp_path, script, code, logged):
+    """The boot as the image runs it, in front of a stand-in xinference-local that fails its setup."""
+    local = tmp_path / "xinference-local"
+    local.write_text(f"#!/bin/sh\n{script}\n")
+    local.chmod(0o755)
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(REPO),
+        "XINFERENCE_LOCAL": str(local),
+        "XINFERENCE_AUTH": "off",
+        "XINFERENCE_HOME": str(tmp_path / "home"),
+        "XINFERENCE_PORT": str(_free_port()),
+        "MODEL_PATH": str(tiny_model),
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "builder.runtime.xinference", "--timeout", "2"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == code, r.stderr
+    assert logged in r.stderr
 
 
 # --------------------------------------------------------------------------- real xinference-local
@@ -184,7 +93,7 @@ def _http(method, url, body=None, key=None, timeout=60):
 
 
 class Booted:
-    """A `python -m builder.runtime.xinference_boot` process (the container's main process) and its log."""
+    """A `python -m builder.runtime.xinference` process (the container's main process) and its log."""
 
     def __init__(self, env: dict, log_path: Path):
         self.env, self.log_path = env, log_path
@@ -195,7 +104,7 @@ class Booted:
         t0 = time.monotonic()
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "builder.runtime.xinference_boot"],
+            [sys.executable, "-m", "builder.runtime.xinference"],
             cwd=REPO,
             env=self.env,
             stdout=self.log,
@@ -294,7 +203,7 @@ def test_auth_is_enforced(server):
 def test_health_command(server):
     env = {**server.env}
     r = subprocess.run(
-        [sys.executable, "-m", "builder.runtime.xinference_boot", "--health"],
+        [sys.executable, "-m", "builder.runtime.xinference", "--health"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -304,7 +213,7 @@ def test_health_command(server):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "healthy" in r.stdout
     r = subprocess.run(
-        [sys.executable, "-m", "builder.runtime.xinference_boot", "--health"],
+        [sys.executable, "-m", "builder.runtime.xinference", "--health"],
         cwd=REPO,
         env={**env, "XINFERENCE_API_KEY": "sk-wrong"},
         capture_output=True,
@@ -313,7 +222,7 @@ def test_health_command(server):
     )
     assert r.returncode == 1 and "unhealthy" in r.stdout
     r = subprocess.run(
-        [sys.executable, "-m", "builder.runtime.xinference_boot", "--health"],
+        [sys.executable, "-m", "builder.runtime.xinference", "--health"],
         cwd=REPO,
         env={**env, "SERVED_MODEL_NAME": "not-launched"},
         capture_output=True,
@@ -399,19 +308,3 @@ def test_restart_relaunches_model(server):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "again"}], "max_tokens": 2}
     status, data = _http("POST", server.url + "/v1/chat/completions", body, key=KEY)
     assert status == 200, data
-
-
-def test_same_registration_detects_changes(tiny_model):
-    cfg, _ = xb.parse_args([], {"MODEL_PATH": str(tiny_model), "SERVED_MODEL_NAME": MODEL})
-    spec = xb.model_spec(cfg)
-    # What GET /v1/model_registrations/LLM/NAME returns: the spec plus server-side fields.
-    echoed = json.loads(json.dumps({**spec, "is_builtin": False, "cache_config": None}))
-    echoed["model_specs"][0]["model_size_in_billions"] = "0_1"
-    assert xb._same_registration(echoed, spec)
-    changed = json.loads(json.dumps(echoed))
-    changed["chat_template"] = "{{ messages }}"
-    assert not xb._same_registration(changed, spec)
-    moved = json.loads(json.dumps(echoed))
-    moved["model_specs"][0]["model_uri"] = "file:///elsewhere"
-    assert not xb._same_registration(moved, spec)
-    assert not xb._same_registration("not found", spec)

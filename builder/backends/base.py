@@ -1,0 +1,164 @@
+"""The contract every backend record fulfils: what spec, selection, render, build, compose, k8s, smoke
+and the demo read from it. A backend is one `Backend` (or a subclass overriding its decisions) plus
+one Dockerfile template; nothing else in the project names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from builder.model.adapter import AdapterFacts
+    from builder.spec import BuildSpec
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "image" / "templates"
+REMOTE_CODE = "the model needs remote code (auto_map in config.json): pass --trust-remote-code if you trust it"
+
+
+class NoOptions(BaseModel):
+    """A backend's own spec options: each field `f` of its model becomes the spec field and CLI flag
+    `<backend>_f` / `--<backend>-f` (choices from a Literal type)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Healthcheck:
+    """The container's health probe: HEALTHCHECK in the Dockerfile and compose's healthcheck."""
+
+    test: tuple[str, ...]  # exec form, run inside the container
+    interval: str
+    timeout: str
+    retries: int
+    start_period: str
+
+
+def http_probe(port: int, path: str) -> tuple[str, ...]:
+    """Exec-form probe for images that have Python: 200 from http://127.0.0.1:PORT/PATH."""
+    code = (
+        "import sys, urllib.request; "
+        f"sys.exit(urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=4).status != 200)"
+    )
+    return ("python3", "-c", code)
+
+
+def bash_probe(port: int, path: str) -> tuple[str, ...]:
+    """Exec-form probe for images without Python or curl: an HTTP/1.0 GET over bash's /dev/tcp, healthy
+    on a 200 status line (no `$` in it: compose would interpolate one)."""
+    script = (
+        f"exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3 "
+        "&& grep -q '^HTTP/1.[01] 200' <&3"
+    )
+    return ("bash", "-c", script)
+
+
+@dataclass(frozen=True)
+class DemoBases:
+    """Bases `make demo` builds on: local stand-ins where the harness makes them, else public images."""
+
+    local: str  # local/<image>: scripts/harness.sh bases builds it
+    public: Optional[str] = None  # None: the record's own base_image is already small and public
+    harness_base: Optional[str] = None  # scripts/bases/<this>.Dockerfile, when the local one comes from there
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A multi-container layout of one backend's image (Xinference's supervisor + workers): rendered to
+    compose.<name>.yaml (template compose.<name>.yaml.j2) and the k8s base k8s/<name>/."""
+
+    name: str
+    description: str  # one line for the k8s README
+    settings: Any  # the layout's numbers (workers, replicas, ports...), handed to its templates
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # BACKEND= value, image suffix, compose service and profile, spec field prefix
+    title: str  # what the README and logs call it
+    description: str  # what the image serves, one line
+    base_image: str  # default runtime base image (spec.base_images.<name>)
+    base_arg: str  # the Dockerfile ARG that names the runtime base
+    port: int  # where its server listens in the container; compose publishes the same host port
+    health_path: str  # HTTP path that answers 200 once the model serves
+    healthcheck: Healthcheck
+    api_key_var: str  # container environment variable that receives the project's API key
+    check_explicit: bool = True  # also refuse an explicit BACKEND= choice when `check` says no
+    quants: tuple[str, ...] = ()  # QUANT types of its own format; () = it serves the merged weights as they are
+    cuda_base: Optional[str] = None  # runtime base of its CUDA variant (spec.cuda), if it has one
+    gpu: bool = False  # needs an NVIDIA GPU to serve
+    cache_volume: Optional[str] = None  # container path that compose backs with a named volume
+    passthrough_env: tuple[str, ...] = ()  # host/.env variables compose hands to the container as they are
+    tunables: tuple[tuple[str, str], ...] = ()  # (container variable, default): image ENV, overridable via .env
+    stop_grace_period: str = "10s"  # time between SIGTERM and SIGKILL on `docker compose stop`
+    options: type[BaseModel] = NoOptions  # its own spec options (see NoOptions)
+    renamed_options: dict[str, str] = field(default_factory=dict)  # old spec key -> the field that replaced it
+    runtime_modules: tuple[str, ...] = ()  # what its image ships from builder/runtime/ (beside smoke.py)
+    template_values: dict[str, str] = field(default_factory=dict)  # pins its template reads (e.g. a wheel version)
+    topologies: tuple[Topology, ...] = ()
+    demo: Optional[DemoBases] = None  # built and asked by `make demo`, on these bases
+    serves_adapters: bool = False  # serves LoRA adapters unmerged (each a small layer over one base)
+    template_dir: Path = TEMPLATES
+
+    @property
+    def dockerfile(self) -> str:
+        return f"Dockerfile.{self.name}"
+
+    @property
+    def template(self) -> str:
+        return f"{self.name}.Dockerfile.j2"
+
+    def template_for(self, spec: BuildSpec) -> str:
+        """The template its Dockerfile renders from for this spec (a backend may have one per variant)."""
+        return self.template
+
+    # -- decisions a backend overrides ----------------------------------------------------------
+
+    def check(self, config: dict, spec: BuildSpec) -> Optional[str]:
+        """Can it serve this model (config.json)? None, or the reason why not."""
+        return REMOTE_CODE if "auto_map" in config and not spec.trust_remote_code else None
+
+    def serves_gguf(self, spec: BuildSpec) -> bool:
+        """Its image builds the llama.cpp stages (compile, convert, quantize) and serves a GGUF."""
+        return False
+
+    def gguf_toolchain_base(self, spec: BuildSpec) -> tuple[str, str]:
+        """(ARG, image) of the base llama.cpp is compiled on for this image: its own runtime base."""
+        return self.base_arg, spec.runtime_base(self.name)
+
+    def smoke_gaps(self, spec: BuildSpec) -> frozenset[str]:
+        """The smoke checks this build cannot pass (written to .env as <BACKEND>_SMOKE_SKIP)."""
+        return frozenset()
+
+    def adapter_problems(self, facts: AdapterFacts) -> list[str]:
+        """Why it cannot serve this adapter unmerged (empty: it can), each saying what to do instead."""
+        return [] if self.serves_adapters else [f"{self.title} serves merged weights only"]
+
+    # -- derived --------------------------------------------------------------------------------
+
+    def quant_types(self, spec: BuildSpec) -> tuple[str, ...]:
+        """The QUANT types this build produces; () when it serves the merged weights as they are."""
+        from builder.model.gguf.convert import QUANTS as GGUF_QUANTS
+
+        return GGUF_QUANTS if self.serves_gguf(spec) else self.quants
+
+    def uses_cuda(self, spec: BuildSpec) -> bool:
+        return self.gpu or (spec.cuda and self.cuda_base is not None)
+
+    def option_fields(self) -> dict[str, str]:
+        """{spec field: option name} of its own options."""
+        return {f"{self.name}_{option}": option for option in self.options.model_fields}
+
+    def options_of(self, spec: BuildSpec) -> BaseModel:
+        """Its options as the spec resolved them."""
+        return self.options(**{option: getattr(spec, key) for key, option in self.option_fields().items()})
+
+
+def gguf_check(config: dict) -> Optional[str]:
+    """None when the pinned llama.cpp converter registers the model's architecture, else why not."""
+    from builder.model.gguf.convert import check_supported
+
+    return check_supported(config)

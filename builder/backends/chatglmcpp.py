@@ -1,0 +1,43 @@
+"""chatglm.cpp: the GLM family converted to GGML, served by our OpenAI server over chatglm_cpp.Pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+from builder.backends.base import Backend, DemoBases, Healthcheck, http_probe
+from builder.model.convert import QUANTS as GGML_QUANTS
+
+if TYPE_CHECKING:
+    from builder.spec import BuildSpec
+
+
+@dataclass(frozen=True)
+class ChatglmcppBackend(Backend):
+    def check(self, config: dict, spec: BuildSpec) -> Optional[str]:
+        from builder.errors import BuilderError
+        from builder.model.convert import check_supported
+
+        try:  # a QUANT it cannot produce is selection's to report (it names the backends that can)
+            check_supported(config, spec.quant if spec.quant in self.quants else "f16")
+        except BuilderError as e:
+            return str(e)
+        return None
+
+
+BACKEND = ChatglmcppBackend(
+    name="chatglmcpp",
+    title="chatglm.cpp",
+    description="GGML (f32 … q4_0), our OpenAI server over `chatglm_cpp.Pipeline`",
+    base_image="python:3.12-slim-bookworm",
+    base_arg="RUNTIME_BASE",
+    port=8001,
+    health_path="/health",
+    healthcheck=Healthcheck(http_probe(8001, "/health"), "2s", "5s", 5, "60s"),
+    api_key_var="API_KEY",
+    quants=tuple(GGML_QUANTS),
+    cuda_base="nvidia/cuda:12.8.1-runtime-ubuntu24.04",
+    renamed_options={"chatglmcpp_cuda": "cuda"},  # before every backend shared one CUDA switch
+    runtime_modules=("chatglmcpp",),
+    demo=DemoBases(local="local/python:bookworm", public="python:3.11-slim-bookworm"),
+)

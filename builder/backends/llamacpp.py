@@ -1,0 +1,49 @@
+"""llama.cpp: the model converted to GGUF with llama.cpp's own tools, served by llama-server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Optional
+
+from pydantic import Field
+
+from builder.backends.base import Backend, DemoBases, Healthcheck, NoOptions, bash_probe, gguf_check
+from builder.model.gguf.convert import QUANTS as GGUF_QUANTS
+
+if TYPE_CHECKING:
+    from builder.spec import BuildSpec
+
+
+class LlamacppOptions(NoOptions):
+    cpu: Literal["all-variants", "avx2"] = Field(
+        "all-variants",
+        description="llama.cpp's CPU code: every x86 ISA level, picked at start (runtime dispatch), "
+        "or one AVX2 build (a quarter of the compile)",
+    )
+
+
+@dataclass(frozen=True)
+class LlamacppBackend(Backend):
+    def check(self, config: dict, spec: BuildSpec) -> Optional[str]:
+        return gguf_check(config)
+
+    def serves_gguf(self, spec: BuildSpec) -> bool:
+        return True
+
+
+BACKEND = LlamacppBackend(
+    name="llamacpp",
+    title="llama.cpp",
+    description="GGUF (f32 … q4_k_m), `llama-server` (continuous batching)",
+    base_image="debian:bookworm-slim",
+    base_arg="LLAMACPP_BASE",
+    port=8002,
+    health_path="/health",
+    healthcheck=Healthcheck(bash_probe(8002, "/health"), "2s", "5s", 5, "60s"),
+    api_key_var="LLAMA_API_KEY",
+    quants=GGUF_QUANTS,
+    cuda_base="nvidia/cuda:12.8.1-runtime-ubuntu24.04",
+    tunables=(("LLAMA_ARG_N_PARALLEL", "8"), ("LLAMA_ARG_CTX_SIZE", "4096"), ("LLAMA_ARG_THREADS", "-1")),
+    options=LlamacppOptions,
+    demo=DemoBases(local="local/debian:bookworm-slim"),
+)
