@@ -57,7 +57,7 @@ def quantized_artifacts(
     out_dir: Path,
     *,
     calibration: Path | None = None,
-    backend: str = "llamacpp",
+    backend: str = "llama.cpp",
     progress: Callable[[str], None] = log,
 ) -> list[Artifact]:
     """Quantize the reference to every type (and, with calibration data, each type that uses one again
@@ -84,7 +84,7 @@ def compare_quants(
     eval_file: Path | None = None,
     calibration: Path | None = None,
     text: Path | None = None,
-    backend: str = "llamacpp",
+    backend: str = "llama.cpp",
     settings: Settings | None = None,
     progress: Callable[[str], None] = log,
 ) -> list[QualityEntry]:

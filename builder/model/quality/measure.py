@@ -22,7 +22,7 @@ class Artifact:
 
     served: Served
     quant: str
-    backend: str = "llamacpp"
+    backend: str = "llama.cpp"
     imatrix: dict | None = None  # {"calibration": name, "chunks": n} when it was quantized with one
 
 
