@@ -21,7 +21,7 @@ $(foreach v,$(SPEC_VARS),$(eval export BUILDER_$(v) := $$(value $(v))))
 # ...and the variables themselves stay out of recipe environments, where Make would expand them.
 unexport $(SPEC_VARS)
 
-.PHONY: help venv test e2e spec image push up down smoke demo render k8s cluster-up cluster-down lint fmt clean wheelhouse llamacpp
+.PHONY: help venv test test-quality quality e2e spec image push up down smoke demo render k8s cluster-up cluster-down lint fmt clean wheelhouse llamacpp
 
 include mk/xinference.mk mk/xllamacpp.mk mk/vllm.mk
 
@@ -39,9 +39,15 @@ venv: $(VENV)/.installed ## create .venv with the project and its test extras
 test: venv xinference-venv llamacpp xllamacpp ## unit and integration tests (no Docker)
 	$(PYTEST) -q
 
-# llama-server and llama-quantize for the host tests, compiled once from the pinned llama.cpp source
-# (builder/model/gguf/llamacpp.py) into .cache/llama.cpp/; rebuilt only when the pin or flags change.
-llamacpp: venv ## build llama.cpp's server and quantizer for this machine (cached under .cache/llama.cpp)
+# The real-model quality measurements (SmolLM2-135M from PyPI + a LoRA trained in the test, four GGUF
+# types, an importance matrix): minutes, so `make test` leaves them out (pytest marker `quality`).
+test-quality: venv llamacpp ## the slow real-model quality tests (pytest -m quality)
+	$(PYTEST) -q -m quality tests/model/test_quality.py
+
+# llama-server, llama-quantize and the quality tools (llama-perplexity, llama-imatrix) for the host tests,
+# compiled once from the pinned llama.cpp source (builder/model/gguf/llamacpp.py) into .cache/llama.cpp/;
+# rebuilt only when the pin or flags change.
+llamacpp: venv ## build llama.cpp's server, quantizer and quality tools for this machine (cached under .cache/llama.cpp)
 	$(VENV)/bin/python -m builder.model.gguf.llamacpp host
 
 wheelhouse: ## .cache/wheelhouse: the CPU torch wheel this machine kind ships, for image builds

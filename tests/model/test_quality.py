@@ -335,6 +335,7 @@ def _calibration(work: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.quality
 def test_real_model_types_are_ordered_and_an_imatrix_helps(smollm2):
     from builder.model.quality import compare_quants, imatrix_effect
 
@@ -377,6 +378,7 @@ def _q5_1_kernel_broken(reference: Path, work: Path) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.quality
 def test_real_model_unmerged_adapter_measured_and_dropping_it_is_caught(smollm2, tmp_path):
     from builder.model.quality import Artifact, Served, measure, quantized_artifacts
 
@@ -398,6 +400,7 @@ def test_quality_tools_are_built_apart_from_what_images_serve(monkeypatch, tmp_p
 
     assert llamacpp.image_targets() == llamacpp.TARGETS == ("llama-server", "llama-quantize")
     assert llamacpp.image_targets(quality=True) == (*llamacpp.TARGETS, "llama-perplexity", "llama-imatrix")
+    assert llamacpp.HOST_TARGETS == llamacpp.image_targets(quality=True)  # `make llamacpp` builds them for the tests
     monkeypatch.setattr(llamacpp, "HOST_HOME", tmp_path)
     assert llamacpp.host_binary("llama-perplexity", "NO_SUCH_VAR") == tmp_path / "quality-tools" / "llama-perplexity"
     (tmp_path / "host").mkdir()

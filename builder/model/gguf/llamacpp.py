@@ -201,7 +201,7 @@ def image_targets(quality: bool = False) -> tuple[str, ...]:
 def _build_stamped(out: Path, targets: tuple[str, ...]) -> Path:
     """Build `targets` for this machine into `out`, again only when the pin, flags or targets change."""
     stamp = out / ".built-with"
-    # (the targets enter the stamp only where they are not the default: host/'s stamp stays as it was)
+    # (the targets enter the stamp where they are not TARGETS: a host/ built before the quality tools is rebuilt)
     want = " ".join([VERSION, SHA256, *CMAKE_HOST, *([] if targets == TARGETS else targets)])
     if stamp.is_file() and stamp.read_text() == want and all((out / t).is_file() for t in targets):
         log(f"{out}: up to date")
@@ -215,13 +215,19 @@ def _build_stamped(out: Path, targets: tuple[str, ...]) -> Path:
     return out
 
 
+HOST_TARGETS = (*TARGETS, *QUALITY_TARGETS)
+
+
 def build_host() -> Path:
-    """The host build in HOST_HOME/host, rebuilt only when the pin or the flags change (a stamp records them)."""
-    return _build_stamped(HOST_HOME / "host", TARGETS)
+    """The host build in HOST_HOME/host (`make llamacpp`): the server, the quantizer and the quality tools
+    in one build tree (the two tools add only their own files), rebuilt only when the pin or the flags change
+    (a stamp records them)."""
+    return _build_stamped(HOST_HOME / "host", HOST_TARGETS)
 
 
 def build_quality_host() -> Path:
-    """llama-perplexity and llama-imatrix for this machine in HOST_HOME/quality-tools (`builder quality`)."""
+    """llama-perplexity and llama-imatrix alone, in HOST_HOME/quality-tools (an own build tree; `make llamacpp`
+    builds them in host/ instead, which `host_binary` looks in first)."""
     return _build_stamped(HOST_HOME / "quality-tools", QUALITY_TARGETS)
 
 
@@ -238,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--cuda-architectures", help="Also build the CUDA backend for these architectures.")
     b.add_argument("--download-dir", type=Path)
     b.add_argument("-j", "--jobs", type=int)
-    sub.add_parser("host", help=f"Fetch and build for this machine into {HOST_HOME} (once; `make llamacpp`).")
+    sub.add_parser(
+        "host", help=f"Fetch and build {', '.join(HOST_TARGETS)} for this machine into {HOST_HOME} (`make llamacpp`)."
+    )
     sub.add_parser("quality-tools", help=f"Build {', '.join(QUALITY_TARGETS)} for this machine (once).")
     r = sub.add_parser("architectures", help="Print the architectures the converter registers.")
     r.add_argument("--src", type=Path, required=True)
