@@ -1,7 +1,7 @@
 # One command per job. Variables (all optional; unset ones fall back to SPEC's YAML, then defaults):
 #   MODEL=<folder|hub id>  ADAPTER=<lora folder | run folder | name=path,...>  LORA=auto|merge|serve
 #   BACKEND=auto|<comma list of backends>
-#   QUANT=q4_0  TAG=latest  REGISTRY=<host[:port]/ns>  NAME=llm  SPEC=<build.yaml>
+#   QUANT=<type> (default: GGUF q4_k_m, GGML q8_0)  TAG=latest  REGISTRY=<host[:port]/ns>  NAME=llm  SPEC=<build.yaml>
 #   CA_BUNDLE=<pem>  WHEELHOUSE=<dir of wheels>
 SHELL := /bin/bash
 .DEFAULT_GOAL := help

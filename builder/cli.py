@@ -201,20 +201,25 @@ def merge(base, adapter, out, dtype, device, force, quiet) -> None:
     show_default=True,
     help="ggml: chatglm.cpp (GLM family); gguf: llama.cpp (every architecture its converter registers).",
 )
-@click.option("--quant", type=click.Choice(backends.QUANTS), default="q4_0", show_default=True)
+@click.option(
+    "--quant", type=click.Choice(backends.QUANTS), default=None, help="Type (default: gguf q4_k_m, ggml q8_0)."
+)
 @click.option("--out", type=PathArg, required=True, help="Output file.")
 @click.option("--pre-tokenizer", help="gguf: llama.cpp pre-tokenizer for a BPE tokenizer it does not recognise.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 def convert(model, fmt, quant, out, pre_tokenizer, quiet) -> None:
     """Convert a model folder to GGML (chatglm.cpp) or GGUF (llama.cpp), without running code from the folder."""
     if fmt == "gguf":
-        from builder.model.gguf.convert import convert_gguf
+        from builder.model.gguf.convert import DEFAULT_QUANT, convert_gguf
 
+        quant = quant or DEFAULT_QUANT
         click.echo(convert_gguf(model, quant, out, pre_tokenizer=pre_tokenizer, quiet=quiet).path)
         return
+    from builder.model.convert import DEFAULT_QUANT as GGML_DEFAULT
     from builder.model.convert import QUANTS as GGML_QUANTS
     from builder.model.convert import convert_model
 
+    quant = quant or GGML_DEFAULT
     if quant not in GGML_QUANTS:
         raise BuilderError(f"--quant {quant} is not a GGML type ({', '.join(GGML_QUANTS)}); try --format gguf")
     click.echo(convert_model(model, quant=quant, out=out, quiet=quiet))

@@ -115,7 +115,11 @@ class _BuildSpec(BaseModel):
     backends: list[Backend] | None = Field(
         None, description="Backends to build; None = auto (every backend that supports the model)"
     )
-    quant: Quant = Field("q4_0", description="Quantization for the backends that quantize (chatglm.cpp: GGML type)")
+    quant: Quant | None = Field(
+        None,
+        description="Quantization for the backends that quantize; None: each format's default "
+        "(GGUF q4_k_m, chatglm.cpp's GGML q8_0)",
+    )
     served_model_name: str | None = Field(
         None, description="Name the APIs answer to (default: model folder or repo name)"
     )

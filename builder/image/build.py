@@ -109,7 +109,7 @@ def build_args(spec: BuildSpec, backend: str, adapter: Path | None = None) -> di
         "MODEL_SOURCE": source,
         "MODEL_ID": spec.model if source != "local" else "",
         "MODEL_REVISION": spec.hub_revision if source != "local" else "",
-        "QUANT": spec.quant if record.quant_types(spec) else "",
+        "QUANT": record.quant_for(spec) or "",
         "SERVED_MODEL_NAME": spec.served_model_name or "model",
         "BASE_MODEL": spec.model if source != "local" else Path(spec.model).resolve().name,
         "ADAPTER_DIGEST": digest_dir(adapter),
