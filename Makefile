@@ -16,7 +16,8 @@ HARNESS := scripts/harness.sh
 # the matching flag (builder/cli.py). A value is never pasted into a shell command line, and
 # $(value ...) hands it over unexpanded: spaces, quotes, `;`, `$(...)` and backticks arrive as
 # typed, and the spec then accepts or refuses them.
-SPEC_VARS := SPEC MODEL ADAPTER LORA BACKEND QUANT TAG REGISTRY NAME CA_BUNDLE WHEELHOUSE
+SPEC_VARS := SPEC MODEL ADAPTER LORA BACKEND QUANT TAG REGISTRY NAME CA_BUNDLE WHEELHOUSE \
+	QUALITY QUALITY_MIN_TOP1 EVAL QUANTS CALIBRATION
 $(foreach v,$(SPEC_VARS),$(eval export BUILDER_$(v) := $$(value $(v))))
 # ...and the variables themselves stay out of recipe environments, where Make would expand them.
 unexport $(SPEC_VARS)
@@ -71,6 +72,9 @@ spec: venv ## print the resolved build spec (YAML, usable as SPEC=) and the back
 
 image: venv ## build images: make image MODEL=... [ADAPTER=...] [BACKEND=...] [QUANT=...]
 	$(BUILDER) build
+
+quality: venv llamacpp ## compare GGUF types: make quality MODEL=... [ADAPTER=...] [QUANTS=q8_0,q4_k_m] [EVAL=...] [CALIBRATION=...]
+	$(BUILDER) quality
 
 push: venv ## push built images: make push REGISTRY=host:port
 	$(BUILDER) push

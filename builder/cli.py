@@ -54,6 +54,14 @@ SPEC_OPTIONS: list[tuple[str, str, str | None, dict]] = [
     ),
     ("--backend", "backends", "BACKEND", {"help": f"Comma list of {','.join(backends.NAMES)}, or auto."}),
     ("--quant", "quant", "QUANT", {"type": click.Choice(backends.QUANTS), "help": "Quantization type."}),
+    (
+        "--quality",
+        "quality",
+        "QUALITY",
+        {"type": click.Choice(["auto", "on", "off"]), "help": "Measure GGUF images against their f16/bf16 reference."},
+    ),
+    ("--quality-min-top1", "quality_min_top1", "QUALITY_MIN_TOP1", {"type": float, "help": "Minimum top-1 agreement."}),
+    ("--eval", "quality_eval", "EVAL", {"help": "Eval prompts (JSONL) for the quality step."}),
     ("--served-model-name", "served_model_name", None, {}),
     ("--name", "name", "NAME", {"help": "Image repository name."}),
     ("--tag", "tag", "TAG", {"help": "Image tag."}),
@@ -159,6 +167,37 @@ def build(**flags) -> None:
     from builder.image.build import build as build_images
 
     build_images(_spec(flags))
+
+
+@cli.command()
+@spec_options
+@click.option(
+    "--quants",
+    envvar="BUILDER_QUANTS",
+    show_envvar=True,
+    default="q8_0,q5_k_m,q4_k_m,q4_0",
+    show_default=True,
+    help="GGUF types to compare (Make: QUANTS).",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="BUILDER_CALIBRATION",
+    show_envvar=True,
+    help="Text or JSONL for an importance matrix; each type is then measured with one too (Make: CALIBRATION).",
+)
+@click.option("--out", type=PathArg, default=None, help="Work folder and report (default: build/NAME/quality-compare).")
+def quality(quants: str, calibration: Path | None, out: Path | None, **flags) -> None:
+    """Compare GGUF types of one model (ADAPTER merged in) against its f16/bf16 reference: KL, top-1, PPL, eval, size, speed."""
+    from builder.image.quality import compare, parse_quants
+
+    spec = _spec(flags)
+    if spec.adapters:
+        raise BuilderError("`make quality` merges one adapter: ADAPTER=<folder>, not name=path,...")
+    if calibration is not None and not calibration.is_file():
+        raise BuilderError(f"CALIBRATION={calibration} is not a file")
+    out = out or Path("build") / spec.name / "quality-compare"
+    compare(spec, parse_quants(quants), out, calibration=calibration, adapter=spec.adapter)
 
 
 @cli.command()

@@ -3,6 +3,7 @@
 python -m builder.model.quality --reference model-f16.gguf --quants q8_0,q5_k_m,q4_k_m,q4_0 --out build/quality
 python -m builder.model.quality --reference my-hf-model/ --lora adapter.gguf --eval eval.jsonl --calibration data.jsonl
 python -m builder.model.quality --reference model-f16.gguf --artifact q4_0=model-q4_0.gguf --min-top1 0.9
+python -m builder.model.quality --reference merged-model/ --artifact q4_k_m=model.gguf   (the image's quality stage)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 from builder.errors import BuilderError
-from builder.model.quality.compare import compare_quants, imatrix_effect
+from builder.model.quality.compare import compare_quants, imatrix_effect, reference_gguf
 from builder.model.quality.measure import Artifact, Settings, measure
 from builder.model.quality.report import check_threshold, print_report, write_report
 from builder.model.quality.tools import Served
@@ -75,10 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                 text=a.text, settings=settings,
             )  # fmt: skip
         else:
-            if a.reference.is_dir():
-                raise BuilderError("with --artifact, --reference must be the reference GGUF file")
+            ref_file = reference_gguf(a.reference, a.out) if a.reference.is_dir() else a.reference
             loras = tuple(a.lora)
-            reference = Served(a.reference, loras)
+            reference = Served(ref_file, loras)
             entries = measure(
                 reference, _artifacts(a.artifact, loras), work=a.out, text=a.text, eval_file=a.eval, settings=settings
             )

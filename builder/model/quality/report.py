@@ -154,6 +154,16 @@ def print_report(entries: Sequence[QualityEntry], console=None) -> None:
     console.print(HOW_TO_READ, style="dim")
 
 
+# GGUF types from least to most faithful, as measured (NOTES-issue20.md: q4_k_m beats q5_0 on KL).
+FIDELITY = ("q4_0", "q4_1", "q5_0", "q4_k_m", "q5_1", "q5_k_m", "q6_k", "q8_0", "bf16", "f16", "f32")
+
+
+def _larger_type(quant: str) -> str:
+    """The type to try when nothing measured passes: q8_0 below it, else the unquantized model."""
+    rank = FIDELITY.index(quant) if quant in FIDELITY else -1
+    return "QUANT=q8_0" if rank < FIDELITY.index("q8_0") else "QUANT=f16 (or bf16, unquantized)"
+
+
 def _passing(entries: Sequence[QualityEntry], min_top1: float) -> list[QualityEntry]:
     return sorted((e for e in entries if e.top1_agreement >= min_top1), key=lambda e: e.size_bytes)
 
@@ -172,7 +182,7 @@ def check_threshold(
             hint = (
                 f"{_label(better[0])} passes (top-1 agreement {better[0].top1_agreement:.3f}, {_mb(better[0].size_bytes)} MB)"
                 if better
-                else "no measured type passes: try q8_0, or f16/bf16"
+                else f"no measured type passes: {_larger_type(e.quant)} would (measure it: make quality QUANTS=...)"
             )
             problems.append(
                 f"{e.backend} {_label(e)}: top-1 agreement {e.top1_agreement:.3f} is below {name}={min_top1:g} "

@@ -30,7 +30,7 @@ def binary(name: str) -> Path:
     path = llamacpp.host_binary(name, ENV[name])
     if not path.is_file():
         how = (
-            "python -m builder.model.gguf.llamacpp quality-tools"
+            "make llamacpp` (or `python -m builder.model.gguf.llamacpp quality-tools"
             if name in llamacpp.QUALITY_TARGETS
             else "make llamacpp"
         )
