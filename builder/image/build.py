@@ -203,7 +203,7 @@ def measure_quality(job: Job, chosen: list[str]) -> tuple[list[QualityEntry], fl
     """The quality step before the images (a failing QUALITY_MIN_TOP1 stops the build here, with the table):
     each measured backend's `quality` target, its report extracted into build/NAME/quality.json."""
     plan = quality.plan(job.spec, chosen)
-    console.print(f"[bold]quality step[/]: {', '.join(plan.backends) or 'skipped'} ({plan.reason})")
+    console.print(f"[bold]quality step[/]: {', '.join(plan.backends) or 'skipped'} ({plan.reason})", soft_wrap=True)
     if not plan.backends:
         (job.root / "quality.json").unlink(missing_ok=True)  # no stale report beside images it does not describe
         return [], 0.0

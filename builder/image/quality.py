@@ -108,9 +108,10 @@ def report_and_check(entries: Sequence[QualityEntry], wall_s: float, min_top1: f
     """The table, the cost and where the report is; then QUALITY_MIN_TOP1 (BuilderError naming a passing type)."""
     if not entries:
         return
-    print_report(entries)
-    console.print(cost_line(entries, wall_s))
-    console.print(f"quality report: {path}")
+    # beside the build's other output (stderr), as wide as the table in a log
+    print_report(entries, console if console.is_terminal else Console(stderr=True, soft_wrap=True, width=150))
+    console.print(cost_line(entries, wall_s), soft_wrap=True)  # one line each in logs (no wrap at 80)
+    console.print(f"quality report: {path}", soft_wrap=True)
     check_threshold(entries, min_top1, name="QUALITY_MIN_TOP1")
 
 

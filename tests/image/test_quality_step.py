@@ -125,7 +125,7 @@ def _arg(argv: list[str], key: str) -> str | None:
     return None
 
 
-def test_build_measures_first_writes_the_report_and_labels_the_image(tmp_path, fake_docker):
+def test_build_measures_first_writes_the_report_and_labels_the_image(tmp_path, fake_docker, capsys):
     docker, calls = fake_docker
     spec = BuildSpec(model=str(_model(tmp_path, LLAMA)), backends="llamacpp", name="qtest")
     build(spec, workdir=tmp_path / "build", env_file=tmp_path / ".env", docker=docker)
@@ -143,6 +143,14 @@ def test_build_measures_first_writes_the_report_and_labels_the_image(tmp_path, f
     assert (entry.backend, entry.quant, entry.top1_agreement) == ("llamacpp", "q4_k_m", 0.851)
     rendered = (tmp_path / "build/qtest/Dockerfile.llamacpp").read_text()
     assert "FROM scratch AS quality" in rendered and 'io.llm-builder.quality="${QUALITY_SUMMARY}"' in rendered
+    out = capsys.readouterr()
+    assert "quality step: llamacpp (QUALITY=auto: 0.00 GB of weights)" in out.err
+    assert "quality vs reference-f16.gguf" in out.err and "decode tok/s" in out.err and "60.3" in out.err
+    assert (
+        "quality step: " in out.err
+        and "s in all (reference 14 s, 1 artifact(s); measuring 26 s), peak RSS 445 MB" in out.err
+    )
+    assert out.err.index("quality vs") > out.err.index("images")  # the table comes at the end
 
 
 def test_threshold_stops_the_build_before_the_images(tmp_path, fake_docker, capsys):
