@@ -43,7 +43,7 @@ test: venv xinference-venv llamacpp xllamacpp ## unit and integration tests (no 
 # The real-model quality measurements (SmolLM2-135M from PyPI + a LoRA trained in the test, four GGUF
 # types, an importance matrix): minutes, so `make test` leaves them out (pytest marker `quality`).
 test-quality: venv llamacpp ## the slow real-model quality tests (pytest -m quality)
-	$(PYTEST) -q -m quality tests/model/test_quality.py
+	$(PYTEST) -q -m quality
 
 # llama-server, llama-quantize and the quality tools (llama-perplexity, llama-imatrix) for the host tests,
 # compiled once from the pinned llama.cpp source (builder/model/gguf/llamacpp.py) into .cache/llama.cpp/;

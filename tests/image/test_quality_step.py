@@ -221,8 +221,8 @@ def test_docker_output_exports_instead_of_tagging(tmp_path, fake_docker):
 # -- `builder quality` on a real (tiny, random) model --------------------------------------------------
 
 
-@pytest.mark.slow
-def test_builder_quality_compares_types_side_by_side(tmp_path):
+@pytest.fixture
+def tiny_llama(tmp_path) -> Path:
     pytest.importorskip("torch")
     from builder.model.quality.tools import binary
 
@@ -233,7 +233,12 @@ def test_builder_quality_compares_types_side_by_side(tmp_path):
         pytest.skip(str(e))
     from builder.demo.tiny import make_random_llama
 
-    model = make_random_llama(tmp_path / "hf", hidden_size=128, intermediate_size=256, num_layers=2)
+    return make_random_llama(tmp_path / "hf", hidden_size=128, intermediate_size=256, num_layers=2)
+
+
+@pytest.mark.slow
+def test_builder_quality_compares_types_side_by_side(tmp_path, tiny_llama):
+    model = tiny_llama
     out = tmp_path / "compare"
     env = {**os.environ, "BUILDER_QUANTS": "q8_0,q4_0", "BUILDER_QUALITY_MIN_TOP1": "0.5"}
     res = subprocess.run(
@@ -247,3 +252,23 @@ def test_builder_quality_compares_types_side_by_side(tmp_path):
     text = res.stdout + res.stderr
     assert "decode tok/s" in text and "quality comparison:" in text and "MB RSS" in text
     assert "types passing QUALITY_MIN_TOP1=0.5:" in text
+
+
+@pytest.mark.slow
+@pytest.mark.quality
+def test_builder_quality_merges_the_adapter_and_never_reuses_a_stale_reference(tmp_path, tiny_llama):
+    """ADAPTER is merged first; a second adapter merged into the same folder is a new reference, not the old one."""
+    from _tiny_hf import make_adapter
+    from transformers import AutoModelForCausalLM
+
+    model, out = tiny_llama, tmp_path / "compare"
+    env = {**os.environ, "BUILDER_QUANTS": "q8_0"}
+    references = []
+    for seed in (1, 2):
+        adapter = make_adapter(AutoModelForCausalLM.from_pretrained(model), tmp_path / f"lora{seed}", seed=seed)
+        argv = [sys.executable, "-m", "builder", "quality", "--model", str(model), "--adapter", str(adapter)]
+        res = subprocess.run([*argv, "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "merging" in res.stderr and (out / "merged" / "config.json").is_file()
+        references.append((out / "reference-f16.gguf").read_bytes() if (out / "reference-f16.gguf").exists() else b"")
+    assert references[0] and references[0] != references[1]

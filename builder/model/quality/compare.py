@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from builder.errors import BuilderError
+from builder.files import write_atomic
 from builder.model.quality.imatrix import USES_IMATRIX, compute_imatrix, imatrix_chunks, quantize
 from builder.model.quality.measure import Artifact, Settings, log, measure
 from builder.model.quality.prompts import calibration_text
@@ -22,6 +23,12 @@ def reference_type(model: Path) -> str:
     return "bf16" if source_float_type(Path(model)) == "bf16" else "f16"
 
 
+def _source_stamp(model: Path) -> str:
+    """The folder and its files' names, sizes and times: a model merged again into the same folder is new."""
+    files = sorted(p for p in model.iterdir() if p.is_file())
+    return "\n".join([str(model.resolve()), *(f"{p.name} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)])
+
+
 def reference_gguf(model: Path, out_dir: Path, quiet: bool = True) -> Path:
     """The reference GGUF of an HF model folder (converted once into `out_dir`, reused after)."""
     from builder.model.gguf.convert import convert_gguf
@@ -29,11 +36,11 @@ def reference_gguf(model: Path, out_dir: Path, quiet: bool = True) -> Path:
     ftype = reference_type(model)
     out = Path(out_dir) / f"reference-{ftype}.gguf"
     stamp = out.with_suffix(".source")
-    source = str(Path(model).resolve())
+    source = _source_stamp(Path(model))
     if out.is_file() and stamp.is_file() and stamp.read_text() == source:
         return out
     convert_gguf(Path(model), ftype, out, quiet=quiet)
-    stamp.write_text(source)
+    write_atomic(stamp, source)
     return out
 
 
