@@ -1,7 +1,7 @@
 # One command per job. Variables (all optional; unset ones fall back to SPEC's YAML, then defaults):
 #   MODEL=<folder|hub id>  ADAPTER=<lora folder | run folder | name=path,...>  LORA=auto|merge|serve
 #   BACKEND=auto|<comma list of backends>
-#   QUANT=q4_0  TAG=latest  REGISTRY=<host[:port]/ns>  NAME=llm  SPEC=<build.yaml>
+#   QUANT=<type> (default: GGUF q4_k_m, GGML q8_0)  TAG=latest  REGISTRY=<host[:port]/ns>  NAME=llm  SPEC=<build.yaml>
 #   CA_BUNDLE=<pem>  WHEELHOUSE=<dir of wheels>
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -16,12 +16,13 @@ HARNESS := scripts/harness.sh
 # the matching flag (builder/cli.py). A value is never pasted into a shell command line, and
 # $(value ...) hands it over unexpanded: spaces, quotes, `;`, `$(...)` and backticks arrive as
 # typed, and the spec then accepts or refuses them.
-SPEC_VARS := SPEC MODEL ADAPTER LORA BACKEND QUANT TAG REGISTRY NAME CA_BUNDLE WHEELHOUSE
+SPEC_VARS := SPEC MODEL ADAPTER LORA BACKEND QUANT TAG REGISTRY NAME CA_BUNDLE WHEELHOUSE \
+	QUALITY QUALITY_MIN_TOP1 EVAL QUANTS CALIBRATION
 $(foreach v,$(SPEC_VARS),$(eval export BUILDER_$(v) := $$(value $(v))))
 # ...and the variables themselves stay out of recipe environments, where Make would expand them.
 unexport $(SPEC_VARS)
 
-.PHONY: help venv test e2e spec image push up down smoke demo render k8s cluster-up cluster-down lint fmt clean wheelhouse llamacpp
+.PHONY: help venv test test-quality quality e2e spec image push up down smoke demo render k8s cluster-up cluster-down lint fmt clean wheelhouse llamacpp
 
 include mk/xinference.mk mk/xllamacpp.mk mk/vllm.mk
 
@@ -39,9 +40,15 @@ venv: $(VENV)/.installed ## create .venv with the project and its test extras
 test: venv xinference-venv llamacpp xllamacpp ## unit and integration tests (no Docker)
 	$(PYTEST) -q
 
-# llama-server and llama-quantize for the host tests, compiled once from the pinned llama.cpp source
-# (builder/model/gguf/llamacpp.py) into .cache/llama.cpp/; rebuilt only when the pin or flags change.
-llamacpp: venv ## build llama.cpp's server and quantizer for this machine (cached under .cache/llama.cpp)
+# The real-model quality measurements (SmolLM2-135M from PyPI + a LoRA trained in the test, four GGUF
+# types, an importance matrix): minutes, so `make test` leaves them out (pytest marker `quality`).
+test-quality: venv llamacpp ## the slow real-model quality tests (pytest -m quality)
+	$(PYTEST) -q -m quality
+
+# llama-server, llama-quantize and the quality tools (llama-perplexity, llama-imatrix) for the host tests,
+# compiled once from the pinned llama.cpp source (builder/model/gguf/llamacpp.py) into .cache/llama.cpp/;
+# rebuilt only when the pin or flags change.
+llamacpp: venv ## build llama.cpp's server, quantizer and quality tools for this machine (cached under .cache/llama.cpp)
 	$(VENV)/bin/python -m builder.model.gguf.llamacpp host
 
 wheelhouse: ## .cache/wheelhouse: the CPU torch wheel this machine kind ships, for image builds
@@ -65,6 +72,9 @@ spec: venv ## print the resolved build spec (YAML, usable as SPEC=) and the back
 
 image: venv ## build images: make image MODEL=... [ADAPTER=...] [BACKEND=...] [QUANT=...]
 	$(BUILDER) build
+
+quality: venv llamacpp ## compare GGUF types: make quality MODEL=... [ADAPTER=...] [QUANTS=q8_0,q4_k_m] [EVAL=...] [CALIBRATION=...]
+	$(BUILDER) quality
 
 push: venv ## push built images: make push REGISTRY=host:port
 	$(BUILDER) push

@@ -54,6 +54,14 @@ SPEC_OPTIONS: list[tuple[str, str, str | None, dict]] = [
     ),
     ("--backend", "backends", "BACKEND", {"help": f"Comma list of {','.join(backends.NAMES)}, or auto."}),
     ("--quant", "quant", "QUANT", {"type": click.Choice(backends.QUANTS), "help": "Quantization type."}),
+    (
+        "--quality",
+        "quality",
+        "QUALITY",
+        {"type": click.Choice(["auto", "on", "off"]), "help": "Measure GGUF images against their f16/bf16 reference."},
+    ),
+    ("--quality-min-top1", "quality_min_top1", "QUALITY_MIN_TOP1", {"type": float, "help": "Minimum top-1 agreement."}),
+    ("--eval", "quality_eval", "EVAL", {"help": "Eval prompts (JSONL) for the quality step."}),
     ("--served-model-name", "served_model_name", None, {}),
     ("--name", "name", "NAME", {"help": "Image repository name."}),
     ("--tag", "tag", "TAG", {"help": "Image tag."}),
@@ -163,6 +171,37 @@ def build(**flags) -> None:
 
 @cli.command()
 @spec_options
+@click.option(
+    "--quants",
+    envvar="BUILDER_QUANTS",
+    show_envvar=True,
+    default="q8_0,q5_k_m,q4_k_m,q4_0",
+    show_default=True,
+    help="GGUF types to compare (Make: QUANTS).",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="BUILDER_CALIBRATION",
+    show_envvar=True,
+    help="Text or JSONL for an importance matrix; each type is then measured with one too (Make: CALIBRATION).",
+)
+@click.option("--out", type=PathArg, default=None, help="Work folder and report (default: build/NAME/quality-compare).")
+def quality(quants: str, calibration: Path | None, out: Path | None, **flags) -> None:
+    """Compare GGUF types of one model (ADAPTER merged in) against its f16/bf16 reference: KL, top-1, PPL, eval, size, speed."""
+    from builder.image.quality import compare, parse_quants
+
+    spec = _spec(flags)
+    if spec.adapters:
+        raise BuilderError("`make quality` merges one adapter: ADAPTER=<folder>, not name=path,...")
+    if calibration is not None and not calibration.is_file():
+        raise BuilderError(f"CALIBRATION={calibration} is not a file")
+    out = out or Path("build") / spec.name / "quality-compare"
+    compare(spec, parse_quants(quants), out, calibration=calibration, adapter=spec.adapter)
+
+
+@cli.command()
+@spec_options
 def push(**flags) -> None:
     """Push every built backend image and verify its digest in the registry."""
     from builder.image.push import push as push_images
@@ -201,20 +240,25 @@ def merge(base, adapter, out, dtype, device, force, quiet) -> None:
     show_default=True,
     help="ggml: chatglm.cpp (GLM family); gguf: llama.cpp (every architecture its converter registers).",
 )
-@click.option("--quant", type=click.Choice(backends.QUANTS), default="q4_0", show_default=True)
+@click.option(
+    "--quant", type=click.Choice(backends.QUANTS), default=None, help="Type (default: gguf q4_k_m, ggml q8_0)."
+)
 @click.option("--out", type=PathArg, required=True, help="Output file.")
 @click.option("--pre-tokenizer", help="gguf: llama.cpp pre-tokenizer for a BPE tokenizer it does not recognise.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 def convert(model, fmt, quant, out, pre_tokenizer, quiet) -> None:
     """Convert a model folder to GGML (chatglm.cpp) or GGUF (llama.cpp), without running code from the folder."""
     if fmt == "gguf":
-        from builder.model.gguf.convert import convert_gguf
+        from builder.model.gguf.convert import DEFAULT_QUANT, convert_gguf
 
+        quant = quant or DEFAULT_QUANT
         click.echo(convert_gguf(model, quant, out, pre_tokenizer=pre_tokenizer, quiet=quiet).path)
         return
+    from builder.model.convert import DEFAULT_QUANT as GGML_DEFAULT
     from builder.model.convert import QUANTS as GGML_QUANTS
     from builder.model.convert import convert_model
 
+    quant = quant or GGML_DEFAULT
     if quant not in GGML_QUANTS:
         raise BuilderError(f"--quant {quant} is not a GGML type ({', '.join(GGML_QUANTS)}); try --format gguf")
     click.echo(convert_model(model, quant=quant, out=out, quiet=quiet))

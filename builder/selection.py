@@ -70,13 +70,13 @@ def _adapter_hint(spec: BuildSpec, facts: dict[str, AdapterFacts | None]) -> str
 
 def _quant_gap(spec: BuildSpec, backend: backends.Backend) -> str | None:
     types = backend.quant_types(spec)
-    return f"it cannot produce QUANT={spec.quant}" if types and spec.quant not in types else None
+    return f"it cannot produce QUANT={spec.quant}" if spec.quant and types and spec.quant not in types else None
 
 
 def _check_quant(spec: BuildSpec, backend: backends.Backend) -> None:
-    """QUANT must be a type every chosen backend that quantizes can produce."""
+    """QUANT, when given, must be a type every chosen backend that quantizes can produce."""
     types = backend.quant_types(spec)
-    if types and spec.quant not in types:
+    if spec.quant and types and spec.quant not in types:
         accept = [b.name for b in backends.REGISTRY.values() if spec.quant in b.quant_types(spec)]
         raise BuilderError(
             f"QUANT={spec.quant}: {backend.title} cannot produce it (it builds {', '.join(types)})"

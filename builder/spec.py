@@ -25,6 +25,7 @@ Backend = Literal[backends.NAMES]  # type: ignore[valid-type]
 Quant = Literal[backends.QUANTS]  # type: ignore[valid-type]
 ModelHub = Literal["auto", "local", "huggingface", "modelscope"]
 LoraMode = Literal["auto", "merge", "serve"]
+QualityMode = Literal["auto", "on", "off"]
 
 # OCI distribution-spec reference grammar (docker/distribution reference/regexp.go), anchored.
 _ALNUM = r"[a-z0-9]+"
@@ -115,7 +116,22 @@ class _BuildSpec(BaseModel):
     backends: list[Backend] | None = Field(
         None, description="Backends to build; None = auto (every backend that supports the model)"
     )
-    quant: Quant = Field("q4_0", description="Quantization for the backends that quantize (chatglm.cpp: GGML type)")
+    quant: Quant | None = Field(
+        None,
+        description="Quantization for the backends that quantize; None: each format's default "
+        "(GGUF q4_k_m, chatglm.cpp's GGML q8_0)",
+    )
+    quality: QualityMode = Field(
+        "auto",
+        description="Measure each GGUF image's quantized model against its f16/bf16 reference during `make image` "
+        "(build/NAME/quality.json, an image label): on, off, or auto (local models up to ~2B parameters)",
+    )
+    quality_min_top1: float | None = Field(
+        None, ge=0, le=1, description="Fail the build when a measured artifact's top-1 agreement is below this (0-1)"
+    )
+    quality_eval: Path | None = Field(
+        None, description="Eval prompts (JSONL: messages, conversations, query/response, alpaca) for the quality step"
+    )
     served_model_name: str | None = Field(
         None, description="Name the APIs answer to (default: model folder or repo name)"
     )
@@ -141,7 +157,7 @@ class _BuildSpec(BaseModel):
             return v
         return _check(SAFE_PATH, v, "model (a folder path without quotes or shell characters, or a hub id org/name)")
 
-    @field_validator("adapter", "ca_bundle", "wheelhouse")
+    @field_validator("adapter", "ca_bundle", "wheelhouse", "quality_eval")
     @classmethod
     def _path(cls, v: Path | None) -> Path | None:
         if v is not None:
@@ -345,7 +361,7 @@ def check_paths(spec: BuildSpec) -> None:
         raise BuilderError(
             f"model folder {spec.model} has no config.json: point MODEL at a Hugging Face-format model folder"
         )
-    for field in ("adapter", "ca_bundle", "wheelhouse"):
+    for field in ("adapter", "ca_bundle", "wheelhouse", "quality_eval"):
         path = getattr(spec, field)
         if path is not None and not path.exists():
             raise BuilderError(f"{field} {path} does not exist")

@@ -71,6 +71,18 @@ def test_build_args_name_the_record_base_arg():
         assert ("LLAMACPP_BASE" in args) == b.serves_gguf(spec)
 
 
+def test_unset_quant_takes_each_format_default():
+    """GGUF q4_k_m, chatglm.cpp's GGML q8_0 (measured, NOTES-issue20.md); merged-weight images none; QUANT wins."""
+    spec = BuildSpec(model="org/x")
+    expected = {"llamacpp": "q4_k_m", "xinference": "q4_k_m", "chatglmcpp": "q8_0", "vllm": None}
+    assert {name: backends.get(name).quant_for(spec) for name in expected} == expected
+    assert build_args(spec, "chatglmcpp")["QUANT"] == "q8_0" and build_args(spec, "vllm")["QUANT"] == ""
+    text = render_text(spec)
+    assert "ARG QUANT=q4_k_m" in text["Dockerfile.llamacpp"] and "ARG QUANT=q8_0" in text["Dockerfile.chatglmcpp"]
+    assert backends.get("chatglmcpp").quant_for(BuildSpec(model="org/x", quant="q4_0")) == "q4_0"
+    assert backends.get("xinference").quant_for(BuildSpec(model="org/x", xinference_engine="transformers")) is None
+
+
 def test_gguf_backends_share_the_llamacpp_build():
     """llama.cpp, and Xinference on its llama.cpp engine, quantize GGUF and compile on the llama.cpp base."""
     spec = BuildSpec(model="org/x", quant="q4_k_m")

@@ -77,3 +77,23 @@ def test_unset_variables_leave_the_spec_file_in_charge(model_dir, tmp_path):
     assert yaml.safe_load(res.stdout)["tag"] == "from-file"
     res = make(f"SPEC={spec_file}", "TAG=from-make")
     assert yaml.safe_load(res.stdout)["tag"] == "from-make"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("QUALITY_MIN_TOP1", "0.9; touch {marker}"), ("EVAL", "$(touch {marker})")]
+)
+def test_quality_variables_are_refused_and_never_run(tmp_path, model_dir, variable, value):
+    marker = tmp_path / "pwned"
+    res = make(f"MODEL={model_dir}", "BACKEND=llamacpp", f"{variable}={value.format(marker=marker)}")
+    assert not marker.exists() and res.returncode != 0 and "Traceback" not in res.stderr
+    field = {"EVAL": "quality_eval"}.get(variable, variable.lower())
+    assert field in res.stderr or f"BUILDER_{variable}" in res.stderr, res.stderr  # the spec's or click's refusal
+
+
+def test_quality_variables_arrive(model_dir, tmp_path):
+    eval_file = tmp_path / "eval prompts.jsonl"
+    eval_file.write_text('{"query": "2+2?", "response": "4"}\n')
+    res = make(f"MODEL={model_dir}", "BACKEND=llamacpp", "QUALITY=off", "QUALITY_MIN_TOP1=0.85", f"EVAL={eval_file}")
+    assert res.returncode == 0, res.stderr
+    spec = yaml.safe_load(res.stdout)
+    assert (spec["quality"], spec["quality_min_top1"], spec["quality_eval"]) == ("off", 0.85, str(eval_file))

@@ -14,7 +14,7 @@ def test_defaults_are_real_public_images():
     assert spec.base_images.build.startswith("nvidia/cuda:") and "devel" in spec.base_images.build
     assert spec.base_images.vllm.startswith("vllm/vllm-openai:v")
     assert spec.base_images.xinference.startswith("xprobe/xinference:v")
-    assert spec.quant == "q4_0" and spec.backends is None
+    assert spec.quant is None and spec.backends is None  # QUANT unset: each format's default (test_backends)
     assert (spec.ports.vllm, spec.ports.chatglmcpp, spec.ports.xinference) == (8000, 8001, 9997)
 
 

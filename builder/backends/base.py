@@ -88,6 +88,7 @@ class Backend:
     api_key_var: str  # container environment variable that receives the project's API key
     check_explicit: bool = True  # also refuse an explicit BACKEND= choice when `check` says no
     quants: tuple[str, ...] = ()  # QUANT types of its own format; () = it serves the merged weights as they are
+    default_quant: Optional[str] = None  # its format's type when QUANT is unset (GGUF images: the GGUF default)
     cuda_base: Optional[str] = None  # runtime base of its CUDA variant (spec.cuda), if it has one
     gpu: bool = False  # needs an NVIDIA GPU to serve
     cache_volume: Optional[str] = None  # container path that compose backs with a named volume
@@ -149,6 +150,19 @@ class Backend:
         from builder.model.gguf.convert import QUANTS as GGUF_QUANTS
 
         return GGUF_QUANTS if self.serves_gguf(spec) else self.quants
+
+    def quant_for(self, spec: BuildSpec) -> Optional[str]:
+        """The type this build produces: QUANT, or its format's default when QUANT is unset; None when it
+        serves the merged weights as they are."""
+        if not self.quant_types(spec):
+            return None
+        if spec.quant:
+            return spec.quant
+        if self.serves_gguf(spec):
+            from builder.model.gguf.convert import DEFAULT_QUANT
+
+            return DEFAULT_QUANT
+        return self.default_quant
 
     def uses_cuda(self, spec: BuildSpec) -> bool:
         return self.gpu or (spec.cuda and self.cuda_base is not None)

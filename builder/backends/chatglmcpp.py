@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from builder.backends.base import Backend, DemoBases, Healthcheck, http_probe
+from builder.model.convert import DEFAULT_QUANT as GGML_DEFAULT
 from builder.model.convert import QUANTS as GGML_QUANTS
 
 if TYPE_CHECKING:
@@ -19,7 +20,8 @@ class ChatglmcppBackend(Backend):
         from builder.model.convert import check_supported
 
         try:  # a QUANT it cannot produce is selection's to report (it names the backends that can)
-            check_supported(config, spec.quant if spec.quant in self.quants else "f16")
+            quant = self.quant_for(spec)
+            check_supported(config, quant if quant in self.quants else "f16")
         except BuilderError as e:
             return str(e)
         return None
@@ -36,6 +38,7 @@ BACKEND = ChatglmcppBackend(
     healthcheck=Healthcheck(http_probe(8001, "/health"), "2s", "5s", 5, "60s"),
     api_key_var="API_KEY",
     quants=tuple(GGML_QUANTS),
+    default_quant=GGML_DEFAULT,
     cuda_base="nvidia/cuda:12.8.1-runtime-ubuntu24.04",
     renamed_options={"chatglmcpp_cuda": "cuda"},  # before every backend shared one CUDA switch
     runtime_modules=("chatglmcpp",),

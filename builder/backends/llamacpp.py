@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 from pydantic import Field
 
 from builder.backends.base import Backend, DemoBases, Healthcheck, NoOptions, bash_probe, gguf_check
+from builder.model.gguf.convert import DEFAULT_QUANT as GGUF_DEFAULT
 from builder.model.gguf.convert import QUANTS as GGUF_QUANTS
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ BACKEND = LlamacppBackend(
     healthcheck=Healthcheck(bash_probe(8002, "/health"), "2s", "5s", 5, "60s"),
     api_key_var="LLAMA_API_KEY",
     quants=GGUF_QUANTS,
+    default_quant=GGUF_DEFAULT,
     cuda_base="nvidia/cuda:12.8.1-runtime-ubuntu24.04",
     tunables=(("LLAMA_ARG_N_PARALLEL", "8"), ("LLAMA_ARG_CTX_SIZE", "4096"), ("LLAMA_ARG_THREADS", "-1")),
     options=LlamacppOptions,

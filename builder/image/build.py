@@ -23,9 +23,13 @@ from rich.console import Console
 from rich.table import Table
 
 from builder import __version__, backends
+from builder.errors import BuilderError
 from builder.files import write_atomic
+from builder.image import quality
 from builder.image.docker import Docker
 from builder.image.render import render_all
+from builder.model.quality.prompts import load_eval
+from builder.model.quality.report import QualityEntry, check_threshold
 from builder.selection import Selection, select_backends
 from builder.spec import BuildSpec, read_model_config
 
@@ -72,6 +76,9 @@ def prepare_context(spec: BuildSpec, root: Path, adapter: Path | None = None) ->
         shutil.rmtree(ctx)
     ctx.mkdir(parents=True)
     shutil.copytree(PACKAGE, ctx / "src" / "builder", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (ctx / "quality").mkdir()  # the quality stage's inputs: EVAL's prompts
+    if spec.quality_eval is not None:
+        shutil.copy2(spec.quality_eval, ctx / "quality" / "eval.jsonl")
     for name, source in (
         ("model", Path(spec.model) if spec.model_source == "local" else None),
         ("adapter", adapter),
@@ -109,7 +116,7 @@ def build_args(spec: BuildSpec, backend: str, adapter: Path | None = None) -> di
         "MODEL_SOURCE": source,
         "MODEL_ID": spec.model if source != "local" else "",
         "MODEL_REVISION": spec.hub_revision if source != "local" else "",
-        "QUANT": spec.quant if record.quant_types(spec) else "",
+        "QUANT": record.quant_for(spec) or "",
         "SERVED_MODEL_NAME": spec.served_model_name or "model",
         "BASE_MODEL": spec.model if source != "local" else Path(spec.model).resolve().name,
         "ADAPTER_DIGEST": digest_dir(adapter),
@@ -157,6 +164,66 @@ def read_env(path: Path) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
+@dataclass
+class Job:
+    """One build's fixed inputs: what `run_target` hands to docker for every backend."""
+
+    spec: BuildSpec
+    docker: Docker
+    root: Path
+    ctx: Path
+    merged: Path | None
+    secrets: dict[str, Path]
+
+    def run_target(self, backend: str, target: str = "runtime", output: Path | None = None, **extra: str) -> float:
+        """`docker build` of one backend's target (its image, or with `output` the target's files); seconds."""
+        start = time.monotonic()
+        suffix = "" if target == "runtime" else f"-{target}"
+        with console.status(f"[bold]{backend}{suffix}[/]: starting") as status:
+
+            def show(line: str) -> None:
+                if line.startswith("#") and ("[" in line or "DONE" in line or "CACHED" in line):
+                    status.update(f"[bold]{backend}{suffix}[/]: {line[:110]}")
+
+            self.docker.build(
+                self.ctx,
+                self.root / f"Dockerfile.{backend}",
+                self.spec.image(backend),
+                {**build_args(self.spec, backend, self.merged), **extra},
+                self.secrets,
+                log=self.root / "logs" / f"{backend}{suffix}.log",
+                target=target,
+                on_line=show,
+                output=output,
+            )
+        return time.monotonic() - start
+
+
+def measure_quality(job: Job, chosen: list[str]) -> tuple[list[QualityEntry], float]:
+    """The quality step before the images (a failing QUALITY_MIN_TOP1 stops the build here, with the table):
+    each measured backend's `quality` target, its report extracted into build/NAME/quality.json."""
+    plan = quality.plan(job.spec, chosen)
+    console.print(f"[bold]quality step[/]: {', '.join(plan.backends) or 'skipped'} ({plan.reason})", soft_wrap=True)
+    if not plan.backends:
+        (job.root / "quality.json").unlink(missing_ok=True)  # no stale report beside images it does not describe
+        return [], 0.0
+    if job.spec.quality_eval is not None:
+        load_eval(job.spec.quality_eval)  # a bad EVAL file fails here, before any build, saying where
+
+    def build_report(backend: str, folder: Path) -> None:
+        if folder.exists():
+            shutil.rmtree(folder)
+        job.run_target(backend, "quality", output=folder)
+
+    entries, wall_s = quality.collect(plan.backends, build_report, job.root)
+    try:
+        check_threshold(entries, job.spec.quality_min_top1, name="QUALITY_MIN_TOP1")
+    except BuilderError:
+        quality.report_and_check(entries, wall_s, None, job.root / "quality.json")
+        raise
+    return entries, wall_s
+
+
 def build(
     spec: BuildSpec, workdir: Path = Path("build"), env_file: Path = Path(".env"), docker: Docker | None = None
 ) -> list[Built]:
@@ -176,35 +243,17 @@ def build(
     ctx = prepare_context(spec, root, merged)
     built: list[Built] = []
     with build_secrets(spec) as secret_files:
+        job = Job(spec, docker, root, ctx, merged, secret_files)
+        entries, quality_wall_s = measure_quality(job, chosen)
         for backend in chosen:
-            image = spec.image(backend)
-            start = time.monotonic()
-            with console.status(f"[bold]{backend}[/]: starting") as status:
-
-                def show(line: str, _backend=backend, _status=status) -> None:
-                    if line.startswith("#") and ("[" in line or "DONE" in line or "CACHED" in line):
-                        _status.update(f"[bold]{_backend}[/]: {line[:110]}")
-
-                docker.build(
-                    ctx,
-                    root / f"Dockerfile.{backend}",
-                    image,
-                    build_args(spec, backend, merged),
-                    secret_files,
-                    log=root / "logs" / f"{backend}.log",
-                    on_line=show,
-                )
-            info = docker.inspect(image)
+            seconds = job.run_target(backend, QUALITY_SUMMARY=quality.label(entries, backend))
+            info = docker.inspect(spec.image(backend))
             built.append(
                 Built(
-                    backend,
-                    image,
-                    info["Id"].removeprefix("sha256:")[:12],
-                    info["Size"] / 1e6,
-                    time.monotonic() - start,
+                    backend, spec.image(backend), info["Id"].removeprefix("sha256:")[:12], info["Size"] / 1e6, seconds
                 )
             )
-            console.print(f"[green]built[/] {image} in {built[-1].seconds:.0f}s")
+            console.print(f"[green]built[/] {built[-1].image} in {seconds:.0f}s")
     write_env(spec, chosen, env_file)
     table = Table(title="images")
     for col in ("backend", "image", "id", "size", "build time"):
@@ -212,5 +261,6 @@ def build(
     for b in built:
         table.add_row(b.backend, b.image, b.image_id, f"{b.size_mb:.0f} MB", f"{b.seconds:.0f}s")
     console.print(table)
+    quality.report_and_check(entries, quality_wall_s, spec.quality_min_top1, root / "quality.json")
     console.print(f"compose settings written to {env_file}: `docker compose up -d --wait` starts them")
     return built

@@ -81,10 +81,17 @@ class Docker:
         log: Path,
         target: str = "runtime",
         on_line: Callable[[str], None] | None = None,
+        output: Path | None = None,
     ) -> None:
-        """Build one image; streams plain progress to `log` (and `on_line`); names the failing step."""
-        argv = [self.client] + (["buildx", "build", "--load"] if self.buildx else ["build"])
-        argv += ["--progress=plain", "-f", str(dockerfile), "--target", target, "-t", tag]
+        """Build one image; streams plain progress to `log` (and `on_line`); names the failing step.
+        With `output`, the target's files are exported into that folder instead (`--output type=local`,
+        which a 20.10 client under DOCKER_BUILDKIT=1 has too); `tag` then only names it in messages."""
+        argv = [self.client] + (["buildx", "build"] if self.buildx else ["build"])
+        if output is None:
+            argv += (["--load"] if self.buildx else []) + ["-t", tag]
+        else:
+            argv += ["--output", f"type=local,dest={output}"]
+        argv += ["--progress=plain", "-f", str(dockerfile), "--target", target]
         for key, value in build_args.items():
             argv += ["--build-arg", f"{key}={value}"]
         for sid, path in secrets.items():

@@ -94,7 +94,9 @@ def llamacpp_build(spec: BuildSpec, backend: backends.Backend | None) -> dict | 
     return {
         "cuda": cuda,
         "flags": llamacpp.cmake_image_flags(spec.cuda_architectures if cuda else None, spec.llamacpp_cpu),
-        "targets": llamacpp.TARGETS,
+        "targets": llamacpp.image_targets(quality=spec.quality != "off"),
+        # the quality tools, copied apart (/opt/llama.cpp-quality) for the `quality` stage only
+        "quality_tools": llamacpp.QUALITY_TARGETS if spec.quality != "off" else (),
         "commit": llamacpp.COMMIT,
         "sdist": f"{llamacpp.SDIST} {llamacpp.VERSION}",
     }

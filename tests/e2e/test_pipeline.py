@@ -31,6 +31,7 @@ BACKENDS = ["chatglmcpp", "llamacpp", "xinference"]  # xinference: its default l
 PORTS = {"chatglmcpp": 18001, "llamacpp": 18002, "xinference": 19997}
 SPEC = REPO / "tests" / "e2e" / "local-bases.yaml"
 TIMINGS: dict[str, float] = {}
+BUILD_OUTPUT: dict[str, str] = {}  # what the first `make image` printed (stdout + stderr)
 
 
 def docker(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -76,7 +77,7 @@ def built(docker_engine, local_bases, demo_models):
     assert {"python", "xinference"} <= set(local_bases), local_bases
     docker("image", "inspect", "local/debian:bookworm-slim")  # the llama.cpp runtime's stand-in base
     start = time.monotonic()
-    _make(
+    res = _make(
         "image",
         f"MODEL={demo_models['base']}",
         f"ADAPTER={demo_models['adapter']}",
@@ -88,6 +89,7 @@ def built(docker_engine, local_bases, demo_models):
         env={"API_KEY": API_KEY},
     )
     TIMINGS["first build"] = time.monotonic() - start
+    BUILD_OUTPUT["image"] = res.stdout + res.stderr
     env = (REPO / ".env").read_text()
     for key, value in [("COMPOSE_PROFILES", ",".join(BACKENDS)), ("API_KEY", API_KEY)]:
         assert f"{key}={value}\n" in env
@@ -185,6 +187,27 @@ def test_labels_and_runtime_contents(up, demo_models):
         if not p.startswith(("/opt/app/builder/runtime/", "/opt/app/builder/__init__.py", "/opt/app/builder/files.py"))
     ]
     assert "has-" not in probe, probe
+
+
+def test_quality_step_report_label_and_table(built):
+    """QUALITY=auto (the default) measured both GGUF images of the tiny local demo model against its f16/bf16
+    reference: build/NAME/quality.json, the io.llm-builder.quality label, the table and the cost in the output."""
+    report = json.loads((REPO / "build" / NAME / "quality.json").read_text())
+    assert [e["backend"] for e in report] == ["llamacpp", "xinference"], report
+    for e in report:
+        assert e["quant"] == "q8_0" and e["reference"].startswith("reference-"), e
+        assert e["tool_version"].startswith("llama.cpp ") and e["size_bytes"] > 0 and e["eval_total"] == 6, e
+        assert 0 < e["top1_agreement"] <= 1 and e["kl_mean"] >= 0 and e["ppl_ratio"] > 0, e
+    for backend in ("llamacpp", "xinference"):
+        label = json.loads(docker("image", "inspect", _image(backend)).stdout)[0]["Config"]["Labels"]
+        assert label["io.llm-builder.quality"].startswith("q8_0: KL "), label
+        assert " top-1 " in label["io.llm-builder.quality"] and "(vs reference-" in label["io.llm-builder.quality"]
+    chatglm = json.loads(docker("image", "inspect", _image("chatglmcpp")).stdout)[0]["Config"]["Labels"]
+    assert chatglm["io.llm-builder.quality"] == ""  # GGML: llama.cpp's tools read GGUF only
+    out = BUILD_OUTPUT["image"]
+    assert "quality step: llamacpp, xinference (QUALITY=auto" in out, out[-3000:]
+    assert "quality vs reference-" in out and "decode tok/s" in out and "top-1" in out, out[-3000:]
+    assert "quality step: " in out and " s in all (reference " in out and "peak RSS" in out, out[-3000:]
 
 
 def test_serves_offline(up, demo_models):

@@ -45,7 +45,7 @@ def test_context_is_minimal_and_links_weights(tmp_path: Path):
     (adapter / "adapter_config.json").write_text("{}")
     spec = BuildSpec(model=str(model), adapter=adapter)
     ctx = prepare_context(spec, tmp_path / "build", adapter)
-    assert sorted(p.name for p in ctx.iterdir()) == [".dockerignore", "adapter", "model", "src", "wheels"]
+    assert sorted(p.name for p in ctx.iterdir()) == [".dockerignore", "adapter", "model", "quality", "src", "wheels"]
     assert (ctx / "adapter" / "adapter_config.json").is_file()
     assert (ctx / "src" / "builder" / "__main__.py").is_file()
     assert not list((ctx / "src").rglob("__pycache__"))

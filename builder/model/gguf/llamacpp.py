@@ -30,6 +30,10 @@ VERSION = "0.3.36"
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 COMMIT = "0c1e570"  # vendor/llama.cpp in that sdist (ggml 0.25.3, gguf-py 0.19.0)
 TARGETS = ("llama-server", "llama-quantize")
+# The quality step's tools (builder/model/quality): KL divergence against the unquantized model, and
+# the importance matrix llama-quantize takes. Build stage and host only: a runtime image never carries
+# them (the image's build stage compiles them in the same build tree, into a folder of their own).
+QUALITY_TARGETS = ("llama-perplexity", "llama-imatrix")
 # The host's copy (`make llamacpp`): source, and the test build of llama-server and llama-quantize, in
 # the checkout's .cache/ (this file also runs alone, copied with files.py into the image build's source stage).
 _HERE = Path(__file__).resolve()
@@ -145,20 +149,20 @@ def _check_sha256(path: Path) -> None:
         raise RuntimeError(f"{path}: sha256 {h.hexdigest()} is not the pinned {SHA256}")
 
 
-def build(src: Path, out: Path, flags: list[str], jobs: int | None = None) -> Path:
-    """Compile TARGETS from `src` with `flags`; binaries (and shared libraries) land in `out`."""
+def build(src: Path, out: Path, flags: list[str], jobs: int | None = None, targets: tuple[str, ...] = TARGETS) -> Path:
+    """Compile `targets` from `src` with `flags`; binaries (and shared libraries) land in `out`."""
     src, out = Path(src).resolve(), Path(out)
     work = out.parent / f"{out.name}.build"
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     jobs = jobs or os.cpu_count() or 2
     log(f"cmake {' '.join(flags)}")
     subprocess.run(["cmake", "-S", str(src), "-B", str(work), *generator, *flags], check=True)
-    subprocess.run(["cmake", "--build", str(work), "--target", *TARGETS, "-j", str(jobs)], check=True)
+    subprocess.run(["cmake", "--build", str(work), "--target", *targets, "-j", str(jobs)], check=True)
     with atomic_dir(out, replace=True) as staged:
         for f in sorted((work / "bin").iterdir()):
-            if f.name in TARGETS or ".so" in f.name:
+            if f.name in targets or ".so" in f.name:
                 shutil.copy2(f, staged / f.name, follow_symlinks=False)
-    log(f"built {', '.join(TARGETS)} into {out}")
+    log(f"built {', '.join(targets)} into {out}")
     return out
 
 
@@ -178,25 +182,53 @@ def registered_architectures(src: Path) -> list[str]:
 
 
 def host_binary(name: str, env_var: str) -> Path:
-    """One of TARGETS: $env_var if set, else the host build of `make llamacpp` (which may not exist yet)."""
-    return Path(os.environ.get(env_var) or HOST_HOME / "host" / name)
+    """One of TARGETS or QUALITY_TARGETS: $env_var if set, else the host build of `make llamacpp` (which may
+    not exist yet); a quality tool also from HOST_HOME/quality-tools (`build_quality_host`) when host/ lacks it."""
+    if os.environ.get(env_var):
+        return Path(os.environ[env_var])
+    path = HOST_HOME / "host" / name
+    if name in QUALITY_TARGETS and not path.is_file():
+        return HOST_HOME / "quality-tools" / name
+    return path
 
 
-def build_host() -> Path:
-    """The host build in HOST_HOME/host, rebuilt only when the pin or the flags change (a stamp records them)."""
-    out = HOST_HOME / "host"
+def image_targets(quality: bool = False) -> tuple[str, ...]:
+    """What an image's build stage compiles: TARGETS, plus QUALITY_TARGETS when the build measures quality
+    (same build tree, so they cost only their own few files). The runtime stage copies TARGETS alone."""
+    return (*TARGETS, *QUALITY_TARGETS) if quality else TARGETS
+
+
+def _build_stamped(out: Path, targets: tuple[str, ...]) -> Path:
+    """Build `targets` for this machine into `out`, again only when the pin, flags or targets change."""
     stamp = out / ".built-with"
-    want = " ".join([VERSION, SHA256, *CMAKE_HOST])
-    if stamp.is_file() and stamp.read_text() == want and all((out / t).is_file() for t in TARGETS):
+    # (the targets enter the stamp where they are not TARGETS: a host/ built before the quality tools is rebuilt)
+    want = " ".join([VERSION, SHA256, *CMAKE_HOST, *([] if targets == TARGETS else targets)])
+    if stamp.is_file() and stamp.read_text() == want and all((out / t).is_file() for t in targets):
         log(f"{out}: up to date")
         return out
     missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
     if missing:
         raise SystemExit(f"[llamacpp] need {' and '.join(missing)} to build llama.cpp (apt-get install cmake g++)")
     src = fetch_source(HOST_HOME / "src", HOST_HOME.parent / "dl")
-    build(src, out, list(CMAKE_HOST))
+    build(src, out, list(CMAKE_HOST), targets=targets)
     write_atomic(stamp, want)
     return out
+
+
+HOST_TARGETS = (*TARGETS, *QUALITY_TARGETS)
+
+
+def build_host() -> Path:
+    """The host build in HOST_HOME/host (`make llamacpp`): the server, the quantizer and the quality tools
+    in one build tree (the two tools add only their own files), rebuilt only when the pin or the flags change
+    (a stamp records them)."""
+    return _build_stamped(HOST_HOME / "host", HOST_TARGETS)
+
+
+def build_quality_host() -> Path:
+    """llama-perplexity and llama-imatrix alone, in HOST_HOME/quality-tools (an own build tree; `make llamacpp`
+    builds them in host/ instead, which `host_binary` looks in first)."""
+    return _build_stamped(HOST_HOME / "quality-tools", QUALITY_TARGETS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--cuda-architectures", help="Also build the CUDA backend for these architectures.")
     b.add_argument("--download-dir", type=Path)
     b.add_argument("-j", "--jobs", type=int)
-    sub.add_parser("host", help=f"Fetch and build for this machine into {HOST_HOME} (once; `make llamacpp`).")
+    sub.add_parser(
+        "host", help=f"Fetch and build {', '.join(HOST_TARGETS)} for this machine into {HOST_HOME} (`make llamacpp`)."
+    )
+    sub.add_parser("quality-tools", help=f"Build {', '.join(QUALITY_TARGETS)} for this machine (once).")
     r = sub.add_parser("architectures", help="Print the architectures the converter registers.")
     r.add_argument("--src", type=Path, required=True)
     a = p.parse_args(argv)
@@ -224,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.cmd == "host":
         build_host()
+        return 0
+    if a.cmd == "quality-tools":
+        build_quality_host()
         return 0
     fetch_source(a.src, a.download_dir)
     flags = list(CMAKE_HOST) if a.host else cmake_image_flags(a.cuda_architectures)
