@@ -39,10 +39,12 @@ def test_preset_has_one_section_per_served_name():
     assert "no-repack = true" in text.split("[base]")[0]  # shared: no child copies the base
     assert "lora" not in text.split("[base]")[1].split("[ad1]")[0]  # the base answers unadapted
     assert models_max(["ad1", "ad2"]) == 3
+    # ADAPTER=path serves the one adapter under the model's name: the base is then `<name>-base`
+    assert "[m-base]" in router_preset("m", ["m"]) and "[m]\nmodel = /models/model.gguf" in router_preset("m", ["m"])
 
 
 @pytest.mark.parametrize(
-    "served, adapters", [("base", ["base"]), ("base", ["a]\nmodel = /etc/passwd"]), ("x y", []), ("b", ["a", "a"])]
+    "served, adapters", [("base", ["base-base", "base"]), ("base", ["a]\nmodel = /etc/passwd"]), ("x y", []), ("b", ["a", "a"])]
 )
 def test_preset_refuses_names_an_ini_would_misread(served, adapters):
     with pytest.raises(BuilderError):

@@ -29,6 +29,12 @@ def lora_path(name: str) -> str:
     return f"{LORA_DIR}/{name}.gguf"
 
 
+def base_name(served_name: str, adapters: list[str] | tuple[str, ...]) -> str:
+    """The base's section: the served name, unless the one adapter is served under it (ADAPTER=path: the
+    fine-tune is the model), then `<served name>-base`."""
+    return f"{served_name}-base" if served_name in adapters else served_name
+
+
 def models_max(adapters: list[str] | tuple[str, ...]) -> int:
     """How many children the router may run at once: the base and every adapter (its default, 4, would
     evict the least recently used one, and load-on-startup refuses to start more than it allows)."""
@@ -37,8 +43,9 @@ def models_max(adapters: list[str] | tuple[str, ...]) -> int:
 
 def router_preset(served_name: str, adapters: list[str] | tuple[str, ...], base: str = BASE_GGUF,
                   lora: dict[str, str] | None = None) -> str:  # fmt: skip
-    """The preset INI: [*] shared settings, [served_name] the base alone, [NAME] the base + adapter NAME's
+    """The preset INI: [*] shared settings, [base_name()] the base alone, [NAME] the base + adapter NAME's
     LoRA (`lora` maps names to files; default lora_path(NAME))."""
+    served_name = base_name(served_name, adapters)
     names = [served_name, *adapters]
     for name in names:
         if not NAME.fullmatch(name):
