@@ -44,7 +44,8 @@ def test_preset_has_one_section_per_served_name():
 
 
 @pytest.mark.parametrize(
-    "served, adapters", [("base", ["base-base", "base"]), ("base", ["a]\nmodel = /etc/passwd"]), ("x y", []), ("b", ["a", "a"])]
+    "served, adapters",
+    [("base", ["base-base", "base"]), ("base", ["a]\nmodel = /etc/passwd"]), ("x y", []), ("b", ["a", "a"])],
 )
 def test_preset_refuses_names_an_ini_would_misread(served, adapters):
     with pytest.raises(BuilderError):
