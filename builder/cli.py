@@ -151,8 +151,8 @@ def show_spec(**flags) -> None:
     for name, reason in selection.skipped.items():
         click.echo(f"# BACKEND=auto skips {name}: {reason}")
     for name, plan in selection.lora.items():
-        how = f"served unmerged ({', '.join(selection.served_by(name))})" if plan.mode == "serve" else "merged"
-        click.echo(f"# LoRA on {name}: {plan.mode}, {how}: {plan.reason}")
+        names = f" {', '.join(selection.served_by(name))}" if plan.mode == "serve" else ""
+        click.echo(f"# LORA on {name}: {plan.mode}{names} ({plan.reason})")
 
 
 @cli.command()

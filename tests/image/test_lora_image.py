@@ -144,5 +144,5 @@ def test_context_holds_the_served_adapters_and_the_preset(tiny, tmp_path):
 def test_make_spec_prints_each_backends_lora_mode(tiny):
     res = CliRunner().invoke(cli, ["spec", "--model", str(tiny["base"]), "--adapter", str(tiny["sql"])])
     assert res.exit_code == 0, res.output
-    assert "# LoRA on llamacpp: serve, served unmerged (base):" in res.output
-    assert re.search(r"# LoRA on vllm: merge, merged: .*merged weights only", res.output)
+    assert "# LORA on llamacpp: serve base (1 adapter(s) unmerged over one base)" in res.output
+    assert re.search(r"# LORA on vllm: merge \(merged: vLLM serves merged weights only\)", res.output)
