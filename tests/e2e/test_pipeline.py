@@ -180,7 +180,11 @@ def test_labels_and_runtime_contents(up, demo_models):
     assert "gcc" not in probe and "No module named 'torch'" in probe
     shipped = [line for line in probe.splitlines() if line.startswith("/opt/app/")]
     assert "/opt/app/builder/runtime/chatglmcpp/engine.py" in shipped, probe
-    assert not [p for p in shipped if not p.startswith(("/opt/app/builder/runtime/", "/opt/app/builder/__init__.py", "/opt/app/builder/files.py"))]
+    assert not [
+        p
+        for p in shipped
+        if not p.startswith(("/opt/app/builder/runtime/", "/opt/app/builder/__init__.py", "/opt/app/builder/files.py"))
+    ]
     assert "has-" not in probe, probe
 
 
