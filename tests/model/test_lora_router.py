@@ -87,9 +87,11 @@ def router(tmp_path_factory):
     preset = root / "preset.ini"
     preset.write_text(router_preset("tiny", list(lora), base=str(root / "model.gguf"), lora=lora))
     port = free_port()
-    cmd = [str(SERVER), "--models-preset", str(preset), "--models-max", str(models_max(list(lora))),
-           "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--offline"]  # fmt: skip
-    env = {"LLAMA_ARG_THREADS": "1", "LLAMA_ARG_CTX_SIZE": "256", "LLAMA_ARG_N_PARALLEL": "1", "PATH": "/usr/bin:/bin"}
+    # configured as the image configures it: LLAMA_ARG_* variables (the children inherit them) and the key
+    cmd = [str(SERVER), "--host", "127.0.0.1", "--port", str(port)]
+    env = {"LLAMA_ARG_MODELS_PRESET": str(preset), "LLAMA_ARG_MODELS_MAX": str(models_max(list(lora))),
+           "LLAMA_ARG_OFFLINE": "1", "LLAMA_API_KEY": KEY, "LLAMA_ARG_THREADS": "1", "LLAMA_ARG_CTX_SIZE": "256",
+           "LLAMA_ARG_N_PARALLEL": "1", "PATH": "/usr/bin:/bin"}  # fmt: skip
     log = root / "router.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -141,7 +143,7 @@ def test_each_name_answers_with_its_adapter(router):
 @pytest.mark.slow
 def test_model_management_cannot_reach_outside_the_preset(router):
     """/models/load and /models/unload (no flag turns them off) take only preset names: a path or a hub id
-    is 404, POST /models (a hub download) fetches nothing (--offline; the image's build has no HTTPS client
+    is 404, POST /models (a hub download) fetches nothing (LLAMA_ARG_OFFLINE; the image's build has no HTTPS client
     either) and adds no name, an unloaded name is loaded again by its next request (autoload), and none of
     it works without the key."""
     url, names = router
