@@ -158,6 +158,9 @@ def show_spec(**flags) -> None:
     click.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), nl=False)
     for name, reason in selection.skipped.items():
         click.echo(f"# BACKEND=auto skips {name}: {reason}")
+    for name, plan in selection.lora.items():
+        names = f" {', '.join(selection.served_by(name))}" if plan.mode == "serve" else ""
+        click.echo(f"# LORA on {name}: {plan.mode}{names} ({plan.reason})")
 
 
 @cli.command()
@@ -262,6 +265,19 @@ def convert(model, fmt, quant, out, pre_tokenizer, quiet) -> None:
     if quant not in GGML_QUANTS:
         raise BuilderError(f"--quant {quant} is not a GGML type ({', '.join(GGML_QUANTS)}); try --format gguf")
     click.echo(convert_model(model, quant=quant, out=out, quiet=quiet))
+
+
+@cli.command("convert-lora")
+@click.option("--adapter", type=PathArg, required=True, help="LoRA adapter folder (peft or SWIFT checkpoint-N).")
+@click.option("--base", type=PathArg, default=None, help="Its base model folder (default: the one it names).")
+@click.option("--out", type=PathArg, required=True, help="Output file (a GGUF LoRA for llama-server --lora).")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def convert_lora(adapter, base, out, outtype, quiet) -> None:
+    """Convert a LoRA adapter to a GGUF LoRA that llama.cpp applies unmerged over the base's GGUF."""
+    from builder.model.gguf.lora import convert_lora as run
+
+    click.echo(run(adapter, base, out, outtype=outtype, quiet=quiet).path)
 
 
 @cli.command()

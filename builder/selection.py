@@ -22,6 +22,11 @@ class Selection:
     lora: dict[str, LoraPlan] = field(default_factory=dict)  # with adapters: backend -> merged or served, and why
     adapters: dict[str, Path] = field(default_factory=dict)  # served name -> adapter folder
 
+    def served_by(self, backend: str) -> dict[str, Path]:
+        """The adapters `backend` serves unmerged ({}: none, or it merges the one adapter)."""
+        plan = self.lora.get(backend)
+        return dict(self.adapters) if plan is not None and plan.mode == "serve" else {}
+
 
 def select_backends(spec: BuildSpec, config: dict | None) -> Selection:
     """The backends to build, and how each serves the adapters. A chosen backend that cannot serve the

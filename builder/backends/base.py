@@ -143,6 +143,11 @@ class Backend:
         """Why it cannot serve this adapter unmerged (empty: it can), each saying what to do instead."""
         return [] if self.serves_adapters else [f"{self.title} serves merged weights only"]
 
+    def adapter_files(self, spec: BuildSpec, names: list[str]) -> dict[str, str]:
+        """Files its image needs in the build context to serve adapters `names` unmerged, {context path: text}
+        (its template COPYs them)."""
+        return {}
+
     # -- derived --------------------------------------------------------------------------------
 
     def quant_types(self, spec: BuildSpec) -> tuple[str, ...]:

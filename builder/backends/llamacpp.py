@@ -10,9 +10,13 @@ from pydantic import Field
 from builder.backends.base import Backend, DemoBases, Healthcheck, NoOptions, bash_probe, gguf_check
 from builder.model.gguf.convert import DEFAULT_QUANT as GGUF_DEFAULT
 from builder.model.gguf.convert import QUANTS as GGUF_QUANTS
+from builder.model.gguf.router import LORA_DIR, PRESET
 
 if TYPE_CHECKING:
+    from builder.model.adapter import AdapterFacts
     from builder.spec import BuildSpec
+
+PRESET_FILE = "llamacpp/preset.ini"  # in the build context; the image's /models/preset.ini
 
 
 class LlamacppOptions(NoOptions):
@@ -31,6 +35,18 @@ class LlamacppBackend(Backend):
     def serves_gguf(self, spec: BuildSpec) -> bool:
         return True
 
+    def adapter_problems(self, facts: AdapterFacts) -> list[str]:
+        """What the pinned converter and llama-server cannot serve unmerged (DoRA, saved modules, ...)."""
+        from builder.model.gguf.lora import llamacpp_problems
+
+        return llamacpp_problems(facts)
+
+    def adapter_files(self, spec: BuildSpec, names: list[str]) -> dict[str, str]:
+        """llama-server's router preset: the base under the served name, each adapter under its own."""
+        from builder.model.gguf.router import router_preset
+
+        return {PRESET_FILE: router_preset(spec.served_model_name or "model", names)}
+
 
 BACKEND = LlamacppBackend(
     name="llamacpp",
@@ -48,4 +64,7 @@ BACKEND = LlamacppBackend(
     tunables=(("LLAMA_ARG_N_PARALLEL", "8"), ("LLAMA_ARG_CTX_SIZE", "4096"), ("LLAMA_ARG_THREADS", "-1")),
     options=LlamacppOptions,
     demo=DemoBases(local="local/debian:bookworm-slim"),
+    # adapters unmerged: llama-server's router, one child per served name over one shared base GGUF layer
+    serves_adapters=True,
+    template_values={"lora_dir": LORA_DIR, "preset": PRESET, "preset_file": PRESET_FILE},
 )

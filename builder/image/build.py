@@ -59,6 +59,10 @@ def digest_dir(path: Path | None) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
+# What a SWIFT / HF Trainer checkpoint holds besides the adapter: never needed to serve it.
+_TRAINING_STATE = shutil.ignore_patterns(".git", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "global_step*")
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -66,8 +70,15 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def prepare_context(spec: BuildSpec, root: Path, adapter: Path | None = None) -> Path:
-    """A minimal build context: builder's code, the model (local only), the adapter to merge, wheels.
+def prepare_context(
+    spec: BuildSpec,
+    root: Path,
+    adapter: Path | None = None,
+    served: dict[str, Path] | None = None,
+    files: dict[str, str] | None = None,
+) -> Path:
+    """A minimal build context: builder's code, the model (local only), the adapter to merge, the adapters
+    served unmerged (adapters/NAME/), the files their images need (`files`, {context path: text}), wheels.
 
     Weights are hard-linked where the filesystem allows, so even a 70B folder costs no copy.
     """
@@ -88,6 +99,10 @@ def prepare_context(spec: BuildSpec, root: Path, adapter: Path | None = None) ->
             (ctx / name).mkdir()
         else:
             shutil.copytree(source, ctx / name, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(".git"))
+    for name, source in (served or {}).items():
+        shutil.copytree(source, ctx / "adapters" / name, copy_function=_link_or_copy, ignore=_TRAINING_STATE)
+    for name, text in (files or {}).items():
+        write_atomic(ctx / name, text)
     (ctx / ".dockerignore").write_text("**/__pycache__\n**/*.pyc\n**/.git\n")
     return ctx
 
@@ -105,9 +120,14 @@ def build_secrets(spec: BuildSpec) -> Iterator[dict[str, Path]]:
         yield found
 
 
-def build_args(spec: BuildSpec, backend: str, adapter: Path | None = None) -> dict[str, str]:
+def build_args(
+    spec: BuildSpec, backend: str, adapter: Path | None = None, served: dict[str, Path] | None = None
+) -> dict[str, str]:
+    """`adapter`: the one merged in; `served`: the adapters this image serves unmerged (its digest label
+    lists each, NAME=sha256:...)."""
     record = backends.get(backend)
     source = spec.model_source
+    digest = ",".join(f"{n}={digest_dir(p)}" for n, p in served.items()) if served else digest_dir(adapter)
     return {
         "BUILD_BASE": spec.base_images.build,
         # a GGUF-serving image compiles llama.cpp on the base its record names (one cached compile for all)
@@ -119,7 +139,7 @@ def build_args(spec: BuildSpec, backend: str, adapter: Path | None = None) -> di
         "QUANT": record.quant_for(spec) or "",
         "SERVED_MODEL_NAME": spec.served_model_name or "model",
         "BASE_MODEL": spec.model if source != "local" else Path(spec.model).resolve().name,
-        "ADAPTER_DIGEST": digest_dir(adapter),
+        "ADAPTER_DIGEST": digest,
         "BUILDER_VERSION": __version__,
         "SOURCE_REVISION": _git_revision(),
         "TRUST_REMOTE_CODE": "1" if spec.trust_remote_code else "0",
@@ -132,6 +152,18 @@ def merged_adapter(selection: Selection) -> Path | None:
         return None
     (path,) = selection.adapters.values()  # selection refuses merging several
     return path
+
+
+def adapter_context(spec: BuildSpec, selection: Selection) -> tuple[dict[str, Path], dict[str, str]]:
+    """What the build context needs for the backends that serve adapters unmerged: the adapters, and each
+    such backend's own files (its record's adapter_files)."""
+    served, files = {}, {}
+    for name in selection.backends:
+        adapters = selection.served_by(name)
+        if adapters:
+            served = adapters
+            files.update(backends.get(name).adapter_files(spec, list(adapters)))
+    return served, files
 
 
 def _git_revision() -> str:
@@ -173,6 +205,7 @@ class Job:
     root: Path
     ctx: Path
     merged: Path | None
+    selection: Selection
     secrets: dict[str, Path]
 
     def run_target(self, backend: str, target: str = "runtime", output: Path | None = None, **extra: str) -> float:
@@ -189,7 +222,7 @@ class Job:
                 self.ctx,
                 self.root / f"Dockerfile.{backend}",
                 self.spec.image(backend),
-                {**build_args(self.spec, backend, self.merged), **extra},
+                {**build_args(self.spec, backend, self.merged, self.selection.served_by(backend)), **extra},
                 self.secrets,
                 log=self.root / "logs" / f"{backend}{suffix}.log",
                 target=target,
@@ -235,15 +268,19 @@ def build(
     docker = docker or Docker.detect()
     docker.require_engine()
     root = workdir / spec.name
-    render_all(spec, root)
+    render_all(spec, root, selection)
+    served, files = adapter_context(spec, selection)
     console.print(
         f"[bold]building[/] {', '.join(chosen)} for [cyan]{spec.model}[/]"
         + (f" + adapter [cyan]{merged}[/]" if merged else "")
+        + (f" + unmerged adapters [cyan]{', '.join(served)}[/]" if served else "")
     )
-    ctx = prepare_context(spec, root, merged)
+    for name, plan in selection.lora.items():
+        console.print(f"{name}: adapters {'served unmerged' if plan.mode == 'serve' else 'merged'} ({plan.reason})")
+    ctx = prepare_context(spec, root, merged, served, files)
     built: list[Built] = []
     with build_secrets(spec) as secret_files:
-        job = Job(spec, docker, root, ctx, merged, secret_files)
+        job = Job(spec, docker, root, ctx, merged, selection, secret_files)
         entries, quality_wall_s = measure_quality(job, chosen)
         for backend in chosen:
             seconds = job.run_target(backend, QUALITY_SUMMARY=quality.label(entries, backend))

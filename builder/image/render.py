@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 
 from builder import __version__, backends
 from builder.files import write_atomic
 from builder.spec import BuildSpec
+
+if TYPE_CHECKING:
+    from builder.selection import Selection
 
 TEMPLATES = backends.base.TEMPLATES
 UID = 10001  # the runtime user of every image (and of the Kubernetes security context)
@@ -56,9 +59,10 @@ def environment() -> jinja2.Environment:
     return env
 
 
-def template_values(spec: BuildSpec, output: Output) -> dict[str, Any]:
+def template_values(spec: BuildSpec, output: Output, selection: Selection | None = None) -> dict[str, Any]:
     """What one template gets: the spec, the registry, and for a backend's files its record, its pins,
-    how it compiles llama.cpp and its topology's settings."""
+    how it compiles llama.cpp, its topology's settings and the adapters it serves unmerged (`selection`:
+    a build's; the committed files are rendered without one)."""
     b = output.backend
     return {
         "spec": spec,
@@ -71,15 +75,16 @@ def template_values(spec: BuildSpec, output: Output) -> dict[str, Any]:
         "cluster": output.topology.settings if output.topology else None,
         "llama_cpp": llamacpp_build(spec, b),
         "gguf_toolchain": b.gguf_toolchain_base(spec) if b and b.serves_gguf(spec) else None,
+        "served_adapters": list(selection.served_by(b.name)) if selection and b else [],
         **(b.template_values if b else {}),
     }
 
 
-def render_text(spec: BuildSpec) -> dict[str, str]:
+def render_text(spec: BuildSpec, selection: Selection | None = None) -> dict[str, str]:
     """Every output file's text."""
     env = environment()
     return {
-        name: env.get_template(output.template).render(**template_values(spec, output))
+        name: env.get_template(output.template).render(**template_values(spec, output, selection))
         for name, output in outputs(spec).items()
     }
 
@@ -102,6 +107,6 @@ def llamacpp_build(spec: BuildSpec, backend: backends.Backend | None) -> dict | 
     }
 
 
-def render_all(spec: BuildSpec, out: Path) -> list[Path]:
+def render_all(spec: BuildSpec, out: Path, selection: Selection | None = None) -> list[Path]:
     """Write every output file into `out`, each atomically."""
-    return [write_atomic(out / name, text) for name, text in render_text(spec).items()]
+    return [write_atomic(out / name, text) for name, text in render_text(spec, selection).items()]

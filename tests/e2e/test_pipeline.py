@@ -81,6 +81,7 @@ def built(docker_engine, local_bases, demo_models):
         "image",
         f"MODEL={demo_models['base']}",
         f"ADAPTER={demo_models['adapter']}",
+        "LORA=merge",  # this module checks the merged images; test_lora_serve.py the unmerged llama.cpp one
         f"BACKEND={','.join(BACKENDS)}",
         "QUANT=q8_0",
         f"SPEC={SPEC}",

@@ -1,0 +1,121 @@
+"""Adapters served unmerged by the llama.cpp image: the demo model with two adapters (LORA=serve), each name
+asked with the official openai client, and a rebuild with another adapter set that keeps the base GGUF's
+layer (and the unchanged adapter's) byte-identical.
+
+Builds through builder's own `build()` into a temporary work folder and .env (the repository's .env,
+which test_pipeline's compose reads, is left alone); runs the images with plain `docker run`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from builder import backends
+from builder.demo import model as demo
+from builder.image.build import build
+from builder.spec import load_spec
+
+openai = pytest.importorskip("openai")
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from conftest import REPO, docker  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+NAME, API_KEY, PORT = "e2e-lora", "e2e-lora-key", 18202
+SPEC = REPO / "tests" / "e2e" / "local-bases.yaml"
+LLAMACPP = backends.get("llamacpp")
+
+
+def _random_adapter(base, path, seed: int):
+    """A peft LoRA with random weights on the demo base (tests/_tiny_hf.py), unlike the demo's trained one."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from _tiny_hf import make_adapter
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return make_adapter(model, path, base_path=str(base), seed=seed, r=4, lora_alpha=8)
+
+
+def _build(tmp, base, tag: str, adapters: dict) -> dict:
+    spec = load_spec({"model": str(base), "adapters": adapters, "lora_mode": "serve", "backends": "llamacpp",
+                      "quant": "q8_0", "quality": "off", "spec_file": SPEC, "name": NAME, "tag": tag})  # fmt: skip
+    build(spec, workdir=tmp / "build", env_file=tmp / f"{tag}.env")
+    return json.loads(docker("image", "inspect", spec.image("llamacpp")).stdout)[0]
+
+
+@pytest.fixture(scope="module")
+def images(docker_engine, local_bases, demo_models, tmp_path_factory):
+    """Two builds of the llama.cpp image on the demo base: {tuned (the demo LoRA), noise} then {tuned, other}."""
+    docker("image", "inspect", "local/debian:bookworm-slim")
+    tmp = tmp_path_factory.mktemp("lora-serve")
+    noise = _random_adapter(demo_models["base"], tmp / "noise", seed=5)
+    other = _random_adapter(demo_models["base"], tmp / "other", seed=6)
+    first = _build(tmp, demo_models["base"], "two", {"tuned": demo_models["adapter"], "noise": noise})
+    second = _build(tmp, demo_models["base"], "swapped", {"tuned": demo_models["adapter"], "other": other})
+    yield {"first": first, "second": second, "base": demo_models["base"]}
+    for tag in ("two", "swapped"):
+        docker("rmi", "-f", f"{NAME}-llamacpp:{tag}", check=False)
+
+
+@pytest.fixture(scope="module")
+def served(images):
+    """The first image running (router mode); yields an openai client."""
+    container = "e2e-lora-serve"
+    docker("rm", "-f", container, check=False)
+    docker("run", "-d", "--name", container, "-p", f"127.0.0.1:{PORT}:{LLAMACPP.port}",
+           "-e", f"{LLAMACPP.api_key_var}={API_KEY}", f"{NAME}-llamacpp:two")  # fmt: skip
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if all(m.model_extra["status"]["value"] == "loaded" for m in client.models.list().data):
+                    break
+            except (openai.APIError, KeyError, TypeError):
+                pass
+            if time.monotonic() > deadline:
+                logs = subprocess.run(["/usr/bin/docker", "logs", container], capture_output=True, text=True)
+                pytest.fail(f"the router did not load every name in 180 s:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
+            time.sleep(2)
+        yield client
+    finally:
+        docker("rm", "-f", container, check=False)
+
+
+def _ask(client, name: str) -> str:
+    out = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": demo.CHANGED_PROMPT}], max_tokens=32, temperature=0
+    )
+    return out.choices[0].message.content
+
+
+def test_each_name_answers_with_its_adapter(served, images):
+    base_name = images["base"].name  # the served model name: the demo base folder's name
+    assert sorted(m.id for m in served.models.list().data) == sorted([base_name, "tuned", "noise"])
+    assert _ask(served, base_name).strip() == demo.BASE_ANSWERS[demo.CHANGED_PROMPT].strip()
+    assert _ask(served, "tuned").strip() == demo.LORA_ANSWERS[demo.CHANGED_PROMPT].strip()
+    assert _ask(served, "noise") != _ask(served, "tuned")
+    with pytest.raises(openai.BadRequestError, match="not found"):
+        _ask(served, "nope")
+
+
+def test_another_adapter_set_keeps_the_base_layer(images):
+    """Runtime layers, last first: preset, lora-1, lora-0, base GGUF, then the code and base image's. The
+    rebuild with {tuned, other} changes lora-1 and the preset only."""
+    first = images["first"]["RootFS"]["Layers"]
+    second = images["second"]["RootFS"]["Layers"]
+    assert len(first) == len(second)
+    assert first[:-2] == second[:-2], "base GGUF layer (or the tuned adapter's, or a layer below) changed"
+    assert first[-2] != second[-2], "the swapped adapter's layer should differ"
+    labels = images["second"]["Config"]["Labels"]
+    assert labels["io.llm-builder.adapter-digest"].startswith("tuned=sha256:")
+    env = dict(e.split("=", 1) for e in images["second"]["Config"]["Env"])
+    assert env["LLAMA_ARG_MODELS_PRESET"] == "/models/preset.ini" and env["LLAMA_ARG_MODELS_MAX"] == "3"

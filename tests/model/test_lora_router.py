@@ -1,0 +1,162 @@
+"""Adapters served unmerged by llama-server's router mode with the preset builder writes
+(builder/model/gguf/router.py): the real host llama-server, a tiny random Llama, two LoRA GGUFs made
+with convert_lora, asked with the official openai client as an image's users would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+openai = pytest.importorskip("openai")
+
+from _llama_server import SERVER, free_port  # noqa: E402
+from _tiny_hf import make_adapter  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from builder.demo.tiny import make_random_llama  # noqa: E402
+from builder.errors import BuilderError  # noqa: E402
+from builder.model.gguf.convert import convert_gguf  # noqa: E402
+from builder.model.gguf.lora import convert_lora  # noqa: E402
+from builder.model.gguf.router import models_max, router_preset  # noqa: E402
+
+KEY = "test-key"
+PROMPT = "The quick brown fox"
+
+
+def test_preset_has_one_section_per_served_name():
+    text = router_preset("base", ["ad1", "ad2"], lora={"ad1": "/x/ad1.gguf"})
+    sections = [line for line in text.splitlines() if line.startswith("[")]
+    assert sections == ["[*]", "[base]", "[ad1]", "[ad2]"]
+    assert "lora = /x/ad1.gguf" in text and "lora = /models/lora/ad2.gguf" in text
+    assert text.count("model = /models/model.gguf") == 3 and text.count("load-on-startup = true") == 3
+    assert "no-repack = true" in text.split("[base]")[0]  # shared: no child copies the base
+    assert "lora" not in text.split("[base]")[1].split("[ad1]")[0]  # the base answers unadapted
+    assert models_max(["ad1", "ad2"]) == 3
+    # ADAPTER=path serves the one adapter under the model's name: the base is then `<name>-base`
+    assert "[m-base]" in router_preset("m", ["m"]) and "[m]\nmodel = /models/model.gguf" in router_preset("m", ["m"])
+
+
+@pytest.mark.parametrize(
+    "served, adapters",
+    [("base", ["base-base", "base"]), ("base", ["a]\nmodel = /etc/passwd"]), ("x y", []), ("b", ["a", "a"])],
+)
+def test_preset_refuses_names_an_ini_would_misread(served, adapters):
+    with pytest.raises(BuilderError):
+        router_preset(served, adapters)
+
+
+def _get(url: str, key: str | None = KEY) -> tuple[int, dict]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory):
+    """The router over a tiny f16 Llama and two all-linear LoRAs, every name loaded (the preset's
+    load-on-startup); yields (base URL, served names)."""
+    root = tmp_path_factory.mktemp("router")
+    base = make_random_llama(root / "base")
+    convert_gguf(base, "f16", root / "model.gguf", quiet=True)
+    lora = {}
+    for i, name in enumerate(("alpha", "beta")):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        adapter = make_adapter(model, root / name, base_path=str(base), r=8, lora_alpha=32, seed=i + 1,
+                               target_modules="all-linear")  # fmt: skip
+        lora[name] = str(convert_lora(adapter, base, root / f"{name}.gguf", quiet=True).path)
+    preset = root / "preset.ini"
+    preset.write_text(router_preset("tiny", list(lora), base=str(root / "model.gguf"), lora=lora))
+    port = free_port()
+    # configured as the image configures it: LLAMA_ARG_* variables (the children inherit them) and the key
+    cmd = [str(SERVER), "--host", "127.0.0.1", "--port", str(port)]
+    env = {"LLAMA_ARG_MODELS_PRESET": str(preset), "LLAMA_ARG_MODELS_MAX": str(models_max(list(lora))),
+           "LLAMA_ARG_OFFLINE": "1", "LLAMA_API_KEY": KEY, "LLAMA_ARG_THREADS": "1", "LLAMA_ARG_CTX_SIZE": "256",
+           "LLAMA_ARG_N_PARALLEL": "1", "PATH": "/usr/bin:/bin"}  # fmt: skip
+    log = root / "router.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # /health answers while children still load: wait for every name to be loaded
+            try:
+                status, body = _get(url + "/v1/models")
+                if status == 200 and all(m["status"]["value"] == "loaded" for m in body["data"]):
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        yield url, ["tiny", *lora]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _answer(client, name: str) -> str:
+    out = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0, seed=0)
+    return out.choices[0].text
+
+
+@pytest.mark.slow
+def test_each_name_answers_with_its_adapter(router):
+    url, names = router
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    assert sorted(m.id for m in client.models.list().data) == sorted(names)
+    answers = {name: _answer(client, name) for name in names}
+    assert all(answers.values()), answers
+    assert len(set(answers.values())) == 3, answers  # each LoRA changes the output, differently
+    assert _answer(client, "alpha") == answers["alpha"]  # and the same name keeps its adapter
+    chat = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert chat.model and chat.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError, match="model 'nope' not found"):
+        _answer(client, "nope")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+@pytest.mark.slow
+def test_model_management_cannot_reach_outside_the_preset(router):
+    """/models/load and /models/unload (no flag turns them off) take only preset names: a path or a hub id
+    is 404, POST /models (a hub download) fetches nothing (LLAMA_ARG_OFFLINE; the image's build has no HTTPS client
+    either) and adds no name, an unloaded name is loaded again by its next request (autoload), and none of
+    it works without the key."""
+    url, names = router
+    for body in ({"model": "/etc/passwd"}, {"model": "org/repo"}, {"model": "../model.gguf"}):
+        assert _post(url + "/models/load", body)[0] == 404, body
+    assert _post(url + "/models/unload", {"model": "nope"})[0] == 400
+    _post(url + "/models", {"model": "org/repo"})
+    time.sleep(1)
+    listed = _get(url + "/v1/models")[1]["data"]
+    assert {m["id"] for m in listed} == set(names), [m["id"] for m in listed]
+    assert _post(url + "/models/unload", {"model": "alpha"}) == (200, {"success": True})
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    assert _answer(client, "alpha")  # loaded again on demand
+    req = urllib.request.Request(url + "/models/unload", data=b'{"model": "beta"}', method="POST")
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(req, timeout=10)
