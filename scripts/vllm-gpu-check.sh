@@ -88,10 +88,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, ".")
+sys.path[:0] = [".", "tests"]  # as pytest's pythonpath: a bare `tests` may be another package's
 from builder.demo import model as demo
 from builder.image.build import read_env
-from tests._openai_features import FEATURES, probe
+from _openai_features import FEATURES, probe
 
 env = read_env(Path(".env"))
 url, key = f"http://127.0.0.1:{env.get('VLLM_PORT', '8000')}", env.get("API_KEY")
