@@ -30,6 +30,8 @@ pytestmark = pytest.mark.e2e
 NAME, API_KEY, PORT = "e2e-lora", "e2e-lora-key", 18202
 SPEC = REPO / "tests" / "e2e" / "local-bases.yaml"
 LLAMACPP = backends.get("llamacpp")
+# The digest of an empty layer (an empty tar), as BuildKit writes for a WORKDIR that exists already.
+EMPTY_LAYER = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
 
 
 def _random_adapter(base, path, seed: int):
@@ -108,13 +110,15 @@ def test_each_name_answers_with_its_adapter(served, images):
 
 
 def test_another_adapter_set_keeps_the_base_layer(images):
-    """Runtime layers, last first: preset, lora-1, lora-0, base GGUF, then the code and base image's. The
-    rebuild with {tuned, other} changes lora-1 and the preset only."""
+    """Runtime layers, last first: WORKDIR's (empty), preset, lora-1, lora-0, base GGUF, then the code's and
+    the base image's. The rebuild with {tuned, other} changes lora-1 and the preset only."""
     first = images["first"]["RootFS"]["Layers"]
     second = images["second"]["RootFS"]["Layers"]
     assert len(first) == len(second)
-    assert first[:-2] == second[:-2], "base GGUF layer (or the tuned adapter's, or a layer below) changed"
-    assert first[-2] != second[-2], "the swapped adapter's layer should differ"
+    assert first[-1] == second[-1] == EMPTY_LAYER, "the last layer should be WORKDIR's empty one"
+    assert first[:-3] == second[:-3], "base GGUF layer (or the tuned adapter's, or a layer below) changed"
+    assert first[-3] != second[-3], "the swapped adapter's layer should differ"
+    assert first[-2] != second[-2], "the preset names the swapped adapter: its layer should differ"
     labels = images["second"]["Config"]["Labels"]
     assert labels["io.llm-builder.adapter-digest"].startswith("tuned=sha256:")
     env = dict(e.split("=", 1) for e in images["second"]["Config"]["Env"])
