@@ -148,6 +148,10 @@ class Backend:
         (its template COPYs them)."""
         return {}
 
+    def adapter_build_args(self, spec: BuildSpec, served: dict[str, Path]) -> dict[str, str]:
+        """Build args its image needs to serve the adapters `served` ({name: folder}) unmerged."""
+        return {}
+
     # -- derived --------------------------------------------------------------------------------
 
     def quant_types(self, spec: BuildSpec) -> tuple[str, ...]:

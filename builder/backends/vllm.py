@@ -1,9 +1,10 @@
-"""vLLM: the merged model served by `vllm serve` on an NVIDIA GPU."""
+"""vLLM: the model served by `vllm serve` on an NVIDIA GPU, LoRA adapters merged or served unmerged."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 from pydantic import AfterValidator, Field
@@ -11,6 +12,7 @@ from pydantic import AfterValidator, Field
 from builder.backends.base import REMOTE_CODE, Backend, Healthcheck, NoOptions, http_probe
 
 if TYPE_CHECKING:
+    from builder.model.adapter import AdapterFacts
     from builder.spec import BuildSpec
 
 # vLLM 0.33 dropped these; the vLLM image re-checks against vLLM's own registry at build time.
@@ -22,6 +24,8 @@ MAX_MODEL_LEN = r"auto|-1|[1-9][0-9]*|[0-9]+(\.[0-9]+)?[kKmMgG]"
 # First start of a served model: weights load, torch.compile (cached under ~/.cache/vllm afterwards),
 # CUDA-graph capture, KV-cache profiling. Minutes for a 7-9B model on one GPU; a large one takes longer.
 STARTUP_BUDGET = "1200s"
+
+LORA_DIR = "/models/lora"  # adapter NAME served unmerged: /models/lora/NAME (adapter_config.json + weights)
 
 
 def check_max_model_len(value: str) -> str:
@@ -56,6 +60,21 @@ class VllmBackend(Backend):
     def tunables_for(self, spec: BuildSpec) -> tuple[tuple[str, str], ...]:
         return (*self.tunables, ("LLM_MAX_MODEL_LEN", self.options_of(spec).max_model_len))
 
+    def adapter_problems(self, facts: AdapterFacts) -> list[str]:
+        """What vLLM's PEFT loader refuses or would serve wrongly (DoRA, saved modules, rank over 512, ...);
+        whether the architecture takes LoRA at all, the build's arch-check asks vLLM's registry."""
+        from builder.model.adapter import vllm_problems
+
+        return vllm_problems(facts)
+
+    def adapter_build_args(self, spec: BuildSpec, served: dict[str, Path]) -> dict[str, str]:
+        """LORA_RANK: the adapters' largest rank (the arch-check refuses what vLLM cannot serve at it);
+        MAX_LORA_RANK: the smallest --max-lora-rank vLLM allows that holds it (the image's LLM_MAX_LORA_RANK)."""
+        from builder.model.adapter import declared_rank, vllm_max_lora_rank
+
+        rank = max(declared_rank(path) for path in served.values())
+        return {"LORA_RANK": str(rank), "MAX_LORA_RANK": str(vllm_max_lora_rank(rank) or "")}
+
 
 BACKEND = VllmBackend(
     name="vllm",
@@ -74,4 +93,7 @@ BACKEND = VllmBackend(
     passthrough_env=("LLM_EXTRA_ARGS",),
     options=VllmOptions,
     runtime_modules=("vllm_boot.py",),
+    # adapters unmerged: --enable-lora --lora-modules, each adapter a small layer over one base
+    serves_adapters=True,
+    template_values={"lora_dir": LORA_DIR},
 )

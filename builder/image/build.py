@@ -143,6 +143,7 @@ def build_args(
         "BUILDER_VERSION": __version__,
         "SOURCE_REVISION": _git_revision(),
         "TRUST_REMOTE_CODE": "1" if spec.trust_remote_code else "0",
+        **(record.adapter_build_args(spec, served) if served else {}),
     }
 
 

@@ -208,6 +208,17 @@ def vllm_max_lora_rank(rank: int) -> int | None:
     return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
 
 
+def declared_rank(adapter: Path) -> int:
+    """The largest rank adapter_config.json declares (r, and any rank_pattern value): what --max-lora-rank
+    must hold. Read from the config alone, so it is known for an adapter over a hub base too."""
+    raw = merge.load_json(adapter_folder(adapter) / "adapter_config.json")
+    ranks = [raw.get("r") or 8, *(raw.get("rank_pattern") or {}).values()]  # peft's LoraConfig default r: 8
+    try:
+        return max(int(r) for r in ranks)
+    except (TypeError, ValueError):
+        raise BuilderError(f"{adapter}/adapter_config.json: r / rank_pattern {ranks} are not ranks") from None
+
+
 def vllm_problems(facts: AdapterFacts) -> list[str]:
     """Why vLLM cannot serve this adapter unmerged (empty: it can), each with what to do instead.
 

@@ -237,15 +237,48 @@ def renamed_env(env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     return out, warnings
 
 
+def lora_modules(env: dict[str, str]) -> list[tuple[str, str]]:
+    """$LLM_LORA_MODULES: the adapters served unmerged, `NAME=PATH` words (the image's /models/lora/NAME)."""
+    modules = []
+    for word in shlex.split(env.get("LLM_LORA_MODULES", "")):
+        name, sep, path = word.partition("=")
+        if not (name and sep and path):
+            raise SystemExit(f"LLM_LORA_MODULES: {word!r} is not NAME=PATH (e.g. support=/models/lora/support)")
+        modules.append((name, path))
+    return modules
+
+
+def base_name(served_name: str, adapters: list[str]) -> str:
+    """The name the base is served under: the served name, unless an adapter is served under it (one ADAPTER:
+    the fine-tune is the model), then `<served name>-base` (vLLM answers a request for the base's name with
+    the base, so an adapter of the same name could never be reached). llama.cpp's router does the same."""
+    return f"{served_name}-base" if served_name in adapters else served_name
+
+
+def lora_argv(env: dict[str, str], modules: list[tuple[str, str]]) -> list[str]:
+    """--enable-lora and its settings: every adapter loaded at start, as many in one batch as there are
+    ($LLM_MAX_LORAS), the smallest allowed --max-lora-rank that holds $LLM_MAX_LORA_RANK."""
+    argv = ["--enable-lora", "--lora-modules", *(f"{name}={path}" for name, path in modules)]
+    max_loras = env.get("LLM_MAX_LORAS", "").strip() or str(len(modules))
+    argv += ["--max-loras", max_loras]
+    rank = env.get("LLM_MAX_LORA_RANK", "").strip()
+    if rank:
+        allowed = max_lora_rank(int(rank)) if rank.isdigit() else None
+        argv += ["--max-lora-rank", str(allowed or rank)]  # above 512: vLLM's own error says so
+    return argv
+
+
 def serve_argv(env: dict[str, str]) -> list[str]:
-    """`vllm serve` with the served name, port, context length, remote-code switch and $LLM_EXTRA_ARGS
-    (last, so a flag there wins: vLLM's parser keeps the last value). Expects renamed_env's output."""
+    """`vllm serve` with the served name, port, context length, remote-code switch, the LoRA adapters
+    ($LLM_LORA_MODULES) and $LLM_EXTRA_ARGS (last, so a flag there wins: vLLM's parser keeps the last value).
+    Expects renamed_env's output."""
+    modules = lora_modules(env)
     argv = [
         "vllm",
         "serve",
         env.get("LLM_MODEL_PATH") or "/models/model",
         "--served-model-name",
-        env.get("SERVED_MODEL_NAME", "model"),
+        base_name(env.get("SERVED_MODEL_NAME", "model"), [name for name, _ in modules]),
         "--host",
         "0.0.0.0",
         "--port",
@@ -258,6 +291,8 @@ def serve_argv(env: dict[str, str]) -> list[str]:
         argv += ["--max-model-len", max_model_len]
     if truthy(env.get("LLM_TRUST_REMOTE_CODE")):
         argv.append("--trust-remote-code")
+    if modules:
+        argv += lora_argv(env, modules)
     # The API key reaches vLLM as $VLLM_API_KEY (compose hands it API_KEY), never on the command line.
     return argv + shlex.split(env.get("LLM_EXTRA_ARGS", ""))
 

@@ -45,14 +45,15 @@ def _select(spec: BuildSpec):
     return select_backends(spec, read_model_config(spec))
 
 
-def test_auto_serves_unmerged_on_llamacpp_and_merges_elsewhere(tiny):
+def test_auto_serves_unmerged_on_llamacpp_and_vllm_and_merges_elsewhere(tiny):
     sel = _select(BuildSpec(model=str(tiny["base"]), adapter=tiny["sql"]))
     assert sel.backends == ["vllm", "llamacpp", "xinference"]
     assert {name: plan.mode for name, plan in sel.lora.items()} == {
-        "vllm": "merge", "llamacpp": "serve", "xinference": "merge"
+        "vllm": "serve", "llamacpp": "serve", "xinference": "merge"
     }  # fmt: skip
-    assert "merged weights only" in sel.lora["vllm"].reason
-    assert sel.served_by("llamacpp") == {"base": tiny["sql"]} and sel.served_by("vllm") == {}
+    assert "merged weights only" in sel.lora["xinference"].reason
+    assert sel.served_by("llamacpp") == sel.served_by("vllm") == {"base": tiny["sql"]}
+    assert sel.served_by("xinference") == {}
 
 
 def test_an_adapter_llamacpp_cannot_apply_is_merged_with_the_reason(tiny):
@@ -68,10 +69,11 @@ def test_an_adapter_llamacpp_cannot_apply_is_merged_with_the_reason(tiny):
 def test_several_adapters_skip_or_refuse_the_merge_only_backends(tiny):
     adapters = {"sql": tiny["sql"], "chat": tiny["chat"]}
     sel = _select(BuildSpec(model=str(tiny["base"]), adapters=adapters))
-    assert sel.backends == ["llamacpp"] and sel.served_by("llamacpp") == adapters
-    assert "merges one adapter and 2 are given" in sel.skipped["vllm"]
-    with pytest.raises(BuilderError, match="BACKEND=llamacpp can serve them"):
-        _select(BuildSpec(model=str(tiny["base"]), adapters=adapters, backends=["vllm"]))
+    assert sel.backends == ["vllm", "llamacpp"]
+    assert sel.served_by("llamacpp") == sel.served_by("vllm") == adapters
+    assert "merges one adapter and 2 are given" in sel.skipped["xinference"]
+    with pytest.raises(BuilderError, match="BACKEND=vllm,llamacpp can serve them"):
+        _select(BuildSpec(model=str(tiny["base"]), adapters=adapters, backends=["xinference"]))
     with pytest.raises(BuilderError, match="no backend serves this model"):
         _select(BuildSpec(model=str(tiny["base"]), adapters={"sql": tiny["sql"], "dora": tiny["dora"]}))
 
@@ -113,17 +115,19 @@ def test_merge_renders_as_without_adapters(tiny):
     assert render_text(spec, _select(spec)) == render_text(spec) == default
     auto = BuildSpec(model=str(tiny["base"]), adapter=tiny["sql"])
     rendered = render_text(auto, _select(auto))
-    assert rendered["Dockerfile.vllm"] == default["Dockerfile.vllm"]
+    assert rendered["Dockerfile.xinference"] == default["Dockerfile.xinference"]
     assert rendered["Dockerfile.llamacpp"] != default["Dockerfile.llamacpp"]
+    assert rendered["Dockerfile.vllm"] != default["Dockerfile.vllm"]
 
 
 def test_served_render_is_hadolint_clean(tiny, tmp_path):
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     spec = BuildSpec(model=str(tiny["base"]), adapters={"sql": tiny["sql"], "chat": tiny["chat"]})
     render_all(spec, tmp_path, _select(spec))
-    res = subprocess.run([hadolint, "--failure-threshold", "info", str(tmp_path / "Dockerfile.llamacpp")],
-                         capture_output=True, text=True)  # fmt: skip
-    assert res.returncode == 0, res.stdout + res.stderr
+    for name in ("Dockerfile.llamacpp", "Dockerfile.vllm"):
+        res = subprocess.run([hadolint, "--failure-threshold", "info", str(tmp_path / name)],
+                             capture_output=True, text=True)  # fmt: skip
+        assert res.returncode == 0, name + res.stdout + res.stderr
 
 
 def test_context_holds_the_served_adapters_and_the_preset(tiny, tmp_path):
@@ -145,4 +149,5 @@ def test_make_spec_prints_each_backends_lora_mode(tiny):
     res = CliRunner().invoke(cli, ["spec", "--model", str(tiny["base"]), "--adapter", str(tiny["sql"])])
     assert res.exit_code == 0, res.output
     assert "# LORA on llamacpp: serve base (1 adapter(s) unmerged over one base)" in res.output
-    assert re.search(r"# LORA on vllm: merge \(merged: vLLM serves merged weights only\)", res.output)
+    assert "# LORA on vllm: serve base (1 adapter(s) unmerged over one base)" in res.output
+    assert re.search(r"# LORA on xinference: merge \(merged: Xinference serves merged weights only\)", res.output)

@@ -357,3 +357,56 @@ def test_check_command_warns_and_builds_when_vllm_cannot_inspect_the_class(tmp_p
     err = capsys.readouterr().err
     assert "could not inspect LlamaForCausalLM (RuntimeError: ImportError: libcuda.so.1)" in err
     assert "checks were skipped" in err
+
+
+# ---- issue 19: adapters served unmerged (--enable-lora) -------------------------------------------------
+
+
+def test_lora_modules_become_vllms_lora_flags():
+    env = {
+        "SERVED_MODEL_NAME": "support",
+        "LLM_LORA_MODULES": "sql=/models/lora/sql chat=/models/lora/chat",
+        "LLM_MAX_LORAS": "2",
+        "LLM_MAX_LORA_RANK": "64",
+        "LLM_EXTRA_ARGS": "--max-loras 1",
+    }
+    argv = serve_argv(env)
+    assert argv[argv.index("--served-model-name") + 1] == "support"  # named adapters: the base keeps the name
+    # $LLM_EXTRA_ARGS last: it wins
+    assert argv[argv.index("--enable-lora") :] == [
+        "--enable-lora", "--lora-modules", "sql=/models/lora/sql", "chat=/models/lora/chat",
+        "--max-loras", "2", "--max-lora-rank", "64", "--max-loras", "1",
+    ]  # fmt: skip
+
+
+def test_an_adapter_under_the_served_name_moves_the_base_to_name_base():
+    argv = serve_argv({"SERVED_MODEL_NAME": "support", "LLM_LORA_MODULES": "support=/models/lora/support"})
+    assert argv[argv.index("--served-model-name") + 1] == "support-base"
+    assert argv[argv.index("--lora-modules") + 1] == "support=/models/lora/support"
+    assert argv[argv.index("--max-loras") + 1] == "1"  # unset: every adapter in one batch
+    assert "--max-lora-rank" not in argv  # unset: vLLM's default
+
+
+@pytest.mark.parametrize("rank,passed", [("12", "16"), ("64", "64"), ("320", "320"), ("600", "600")])
+def test_max_lora_rank_is_rounded_up_to_a_value_vllm_allows(rank, passed):
+    argv = serve_argv({"LLM_LORA_MODULES": "a=/models/lora/a", "LLM_MAX_LORA_RANK": rank})
+    assert argv[argv.index("--max-lora-rank") + 1] == passed  # above 512: as given, vLLM's error says why
+
+
+def test_without_lora_modules_there_is_no_lora_flag():
+    for env in ({}, {"LLM_LORA_MODULES": "  ", "LLM_MAX_LORA_RANK": "16", "LLM_MAX_LORAS": "2"}):
+        argv = serve_argv(env)
+        assert not any("lora" in a for a in argv) and argv[argv.index("--served-model-name") + 1] == "model"
+
+
+@pytest.mark.parametrize("bad", ["sql", "=/models/lora/sql", "sql="])
+def test_a_malformed_lora_module_says_what_it_takes(bad):
+    with pytest.raises(SystemExit, match="is not NAME=PATH"):
+        serve_argv({"LLM_LORA_MODULES": bad})
+
+
+def test_serve_print_shows_the_lora_flags():
+    res = run_serve_print({"LLM_LORA_MODULES": "a=/models/lora/a", "LLM_MAX_LORAS": "1", "LLM_MAX_LORA_RANK": "8"})
+    assert shlex.split(res.stdout)[-7:] == [
+        "--enable-lora", "--lora-modules", "a=/models/lora/a", "--max-loras", "1", "--max-lora-rank", "8"
+    ]  # fmt: skip
