@@ -35,7 +35,11 @@ def test_script_is_shellcheck_clean():
 def test_embedded_python_imports_what_exists():
     tree = ast.parse(embedded_python())
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("builder", "_openai_features"):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.split(".")[0] in ("builder", "_openai_features")
+        ):
             module = importlib.import_module(node.module)
             for alias in node.names:
                 if not hasattr(module, alias.name):  # a submodule: `from builder.demo import model`
