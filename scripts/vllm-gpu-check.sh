@@ -97,8 +97,11 @@ env = read_env(Path(".env"))
 url, key = f"http://127.0.0.1:{env.get('VLLM_PORT', '8000')}", env.get("API_KEY")
 req = urllib.request.Request(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
 models = json.load(urllib.request.urlopen(req, timeout=30))
-served = models["data"][0]["id"]
-print(f"served model: {served} (max_model_len {models['data'][0].get('max_model_len')})")
+# The demo LoRA is served unmerged (LORA=auto): vLLM lists it with its base as `parent`; ask the LoRA.
+loras = [m for m in models["data"] if m.get("parent")]
+served = (loras or models["data"])[0]["id"]
+print(f"served models: {[m['id'] for m in models['data']]}, asking {served} "
+      f"(max_model_len {models['data'][0].get('max_model_len')})")
 
 results = probe(url, served, key, prompt=demo.CHANGED_PROMPT)
 failed = []

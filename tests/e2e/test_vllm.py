@@ -1,6 +1,6 @@
 """vLLM image builds from the local vLLM base (the real vllm==0.33.0 on CPU-only machines).
 
-(a) the demo model (GlmForCausalLM) + LoRA: the build-time architecture check passes and the whole
+(a) the demo model (GlmForCausalLM) + LoRA merged (LORA=merge): the build-time architecture check passes and the whole
     Dockerfile.vllm builds; the image carries labels, the entrypoint and the right `vllm serve` argv.
 (b) a model whose config.json names an architecture vLLM 0.33 dropped: refused by the check with the
     alternatives, before any heavy step (nothing of build-env past its FROM started).
@@ -29,8 +29,8 @@ from builder.backends.vllm import VLLM_UNSUPPORTED
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "tests" / "e2e" / "local-bases.yaml"
 VLLM_BASE = "local/vllm:latest"
-NAME, BAD_NAME, EMBED_NAME, TAG = "e2evllm", "e2evllm-bad", "e2evllm-embed", "test"
-IMAGE = f"{NAME}-vllm:{TAG}"
+NAME, BAD_NAME, EMBED_NAME, LORA_NAME, TAG = "e2evllm", "e2evllm-bad", "e2evllm-embed", "e2evllm-lora", "test"
+IMAGE, LORA_IMAGE = f"{NAME}-vllm:{TAG}", f"{LORA_NAME}-vllm:{TAG}"
 TIMINGS: dict[str, float] = {}
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +47,7 @@ def vllm_base(local_bases) -> str:
 
 
 def builder_build(
-    model: Path, name: str, adapter: Path | None = None, timeout: float = 3600
+    model: Path, name: str, adapter: Path | None = None, timeout: float = 3600, lora: str = "merge"
 ) -> subprocess.CompletedProcess:
     """`python -m builder build --backend vllm` as a user runs it; the .env it writes is put back afterwards."""
     env_file = REPO / ".env"
@@ -69,7 +69,7 @@ def builder_build(
         TAG,
     ]
     if adapter:
-        argv += ["--adapter", str(adapter)]
+        argv += ["--adapter", str(adapter), "--lora", lora]
     try:
         return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     finally:
@@ -143,6 +143,14 @@ def built(vllm_base, demo_models, docker_cmd) -> dict:
     TIMINGS["vllm image build"] = time.monotonic() - start
     assert res.returncode == 0, f"builder build failed:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}"
     return json.loads(docker_cmd("image", "inspect", IMAGE).stdout)[0]
+
+
+@pytest.fixture(scope="module")
+def served_lora(vllm_base, demo_models, docker_cmd) -> dict:
+    """The demo LoRA served unmerged (LORA=serve): the base as it is, the adapter a layer of its own."""
+    res = builder_build(demo_models["base"], LORA_NAME, demo_models["adapter"], lora="serve")
+    assert res.returncode == 0, f"builder build failed:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}"
+    return json.loads(docker_cmd("image", "inspect", LORA_IMAGE).stdout)[0]
 
 
 # ---- the facts builder.image.build relies on for BACKEND=auto -----------------------------------------
@@ -352,3 +360,32 @@ def test_image_adds_only_code_and_weights_to_its_base(built, refused, docker_cmd
         "sizes:",
         {k: f"{int(v) / 1e9:.2f} GB" for k, v in sizes.items()},
     )
+
+
+# ---- the demo LoRA served unmerged (issue 19 on vLLM) ------------------------------------------------------
+
+
+def test_served_lora_image_passes_the_lora_check_and_sets_the_lora_env(served_lora, demo_models):
+    log = build_log(LORA_NAME)
+    cached = re.search(r"^#(\d+) \[arch-check \d+/\d+\] RUN .*\n(?:#\1 .*\n)*?#\1 CACHED", log, flags=re.M)
+    assert "LoRA: supported; serve with --enable-lora --max-lora-rank 8" in log or cached, log[-3000:]
+    name = demo_models["base"].name  # one unnamed adapter takes the model's name; the base is NAME-base
+    env = dict(e.split("=", 1) for e in served_lora["Config"]["Env"])
+    assert env["LLM_LORA_MODULES"] == f"{name}=/models/lora/{name}" and env["LLM_MAX_LORAS"] == "1"
+    assert env["LLM_MAX_LORA_RANK"] == "8"
+
+
+def test_served_lora_argv_and_files_inside_the_image(served_lora, demo_models, docker_cmd):
+    name = demo_models["base"].name
+    res = docker_cmd("run", "--rm", "--network", "none", "--entrypoint", "python3", LORA_IMAGE,
+                     "-m", "builder.runtime.vllm_boot", "serve", "--print")  # fmt: skip
+    argv = shlex.split(res.stdout.strip().splitlines()[-1])
+    assert argv[argv.index("--served-model-name") + 1] == f"{name}-base"
+    tail = argv[argv.index("--enable-lora") :]
+    assert tail[:7] == ["--enable-lora", "--lora-modules", f"{name}=/models/lora/{name}",
+                        "--max-loras", "1", "--max-lora-rank", "8"]  # fmt: skip
+    files = docker_cmd("run", "--rm", "--network", "none", "--entrypoint", "sh", LORA_IMAGE, "-c",
+                       f"ls /models/model; echo ==; ls /models/lora/{name}").stdout  # fmt: skip
+    model, lora = files.split("==")
+    assert "config.json" in model and "adapter_config.json" not in model  # the base, unmerged
+    assert "adapter_config.json" in lora and "adapter_model.safetensors" in lora
