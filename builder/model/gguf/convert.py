@@ -98,7 +98,7 @@ class Converted:
     converter_peak_rss_mb: float  # the converter child's peak resident memory
 
 
-def _peak_rss_mb(pid: int) -> float:
+def peak_rss_mb(pid: int) -> float:
     """VmHWM of a running process: the high-water mark of its own memory image (0 once it is gone).
     (ru_maxrss would not do: Linux carries the forking parent's peak over into the child.)"""
     try:
@@ -119,7 +119,7 @@ def _run(cmd: list[str], quiet: bool, what: str) -> float:
         proc = subprocess.Popen(cmd, stdout=log if quiet else sys.stderr, stderr=subprocess.STDOUT)
         peak = 0.0
         while proc.poll() is None:
-            peak = max(peak, _peak_rss_mb(proc.pid))
+            peak = max(peak, peak_rss_mb(proc.pid))
             time.sleep(0.05)
         if proc.returncode != 0:
             log.seek(0)

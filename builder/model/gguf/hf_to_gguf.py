@@ -156,13 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source (convert_hf_to_gguf.py, gguf-py)")
     p.add_argument("--pre-tokenizer", help="llama.cpp pre-tokenizer name for an unknown BPE tokenizer")
     a = p.parse_args(argv[:split])
-    src = a.llama_cpp.resolve()
+    patches = (lambda: patch_pre_tokenizer(a.pre_tokenizer), patch_glm_hparams)
+    return run_converter(a.llama_cpp, "convert_hf_to_gguf.py", argv[split + 1 :], patches)
+
+
+def run_converter(llama_cpp: Path, script_name: str, args: list[str], patches=()) -> int:
+    """Run one of llama.cpp's converter scripts in this process, its gguf-py first on sys.path, remote code
+    refused, `patches` applied once gguf-py imports: 0, or 3 with the refusal printed."""
+    src = llama_cpp.resolve()
     sys.path[:0] = [str(src), str(src / "gguf-py")]
     forbid_remote_code()
-    patch_pre_tokenizer(a.pre_tokenizer)
-    patch_glm_hparams()
-    script = src / "convert_hf_to_gguf.py"
-    sys.argv = [str(script), *argv[split + 1 :]]
+    for patch in patches:
+        patch()
+    script = src / script_name
+    sys.argv = [str(script), *args]
     try:
         runpy.run_path(str(script), run_name="__main__")
     except RemoteCodeRefused as e:

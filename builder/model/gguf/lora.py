@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import sys
 import tempfile
 from collections import Counter
@@ -173,7 +172,7 @@ def _check_lora_gguf(info, alpha: float, n_modules: int):
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from builder.model.gguf.hf_to_gguf import RemoteCodeRefused, forbid_remote_code
+    from builder.model.gguf.hf_to_gguf import run_converter
 
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
@@ -184,17 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --base is required (the converter would otherwise fetch the base's config from a hub)")
         return 2
     os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    src = a.llama_cpp.resolve()
-    sys.path[:0] = [str(src), str(src / "gguf-py")]
-    forbid_remote_code()
-    script = src / "convert_lora_to_gguf.py"
-    sys.argv = [str(script), *argv[split + 1 :]]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except RemoteCodeRefused as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    return 0
+    return run_converter(a.llama_cpp, "convert_lora_to_gguf.py", argv[split + 1 :])
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from builder.errors import BuilderError
+from builder.model.gguf.convert import peak_rss_mb
 from builder.model.quality.prompts import EvalPrompt
-from builder.model.quality.tools import Cost, Served, binary, peak_rss_mb, threads
+from builder.model.quality.tools import Cost, Served, binary, threads
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from builder.errors import BuilderError
 from builder.model.gguf import llamacpp
+from builder.model.gguf.convert import peak_rss_mb
 
 ENV = {
     "llama-perplexity": "LLAMA_PERPLEXITY",
@@ -61,18 +62,6 @@ class Cost:
 class ToolRun:
     output: str
     cost: Cost = field(default_factory=Cost)
-
-
-def peak_rss_mb(pid: int) -> float:
-    """VmHWM of a running process: its own resident high-water mark (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def run_tool(cmd: list[str], what: str, timeout: float | None = None) -> ToolRun:
