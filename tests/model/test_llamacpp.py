@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from builder.image.render import render_text
+from builder.model.gguf import llamacpp
 from builder.spec import BuildSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,3 +51,27 @@ def test_llamacpp_runs_standalone_from_what_the_source_stage_copies(tmp_path):
     (opt / "files.py").unlink()  # and it is files.py that makes it run: without it, the import fails
     res = subprocess.run([*python, "opt/llamacpp.py", "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode != 0 and "No module named 'files'" in res.stderr
+
+
+def test_source_patches_apply_once_and_stamp_the_copy(tmp_path):
+    name, text, replacement, _why = llamacpp.SOURCE_PATCHES[0]
+    path = tmp_path / name
+    path.parent.mkdir(parents=True)
+    path.write_text(f"before\n{text}\nafter\n")
+    llamacpp.apply_patches(tmp_path)
+    assert path.read_text() == f"before\n{replacement}\nafter\n"
+    assert (tmp_path / llamacpp.PATCH_STAMP).read_text() == llamacpp.PATCHES_DIGEST
+    with pytest.raises(RuntimeError, match="occurs 0 times, not once"):  # a pin whose source moved on says so
+        llamacpp.apply_patches(tmp_path)
+
+
+def test_the_host_source_and_build_carry_the_patches():
+    """The host copy `make llamacpp` made (and the image's source stage runs the same fetch_source)."""
+    src, host = llamacpp.HOST_HOME / "src", llamacpp.HOST_HOME / "host"
+    if not (src / llamacpp.PATCH_STAMP).is_file():
+        pytest.skip("no host llama.cpp source (make llamacpp)")
+    assert llamacpp.fetch_source(src) == src  # stamped with today's patches: kept as it is
+    for name, _text, replacement, _why in llamacpp.SOURCE_PATCHES:
+        assert replacement in (src / name).read_text()
+    if (host / ".built-with").is_file():
+        assert llamacpp.PATCHES_DIGEST in (host / ".built-with").read_text().split()

@@ -12,6 +12,7 @@ Standard library and builder/files.py only, no torch: `make llamacpp` runs
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -34,6 +35,20 @@ TARGETS = ("llama-server", "llama-quantize")
 # the importance matrix llama-quantize takes. Build stage and host only: a runtime image never carries
 # them (the image's build stage compiles them in the same build tree, into a folder of their own).
 QUALITY_TARGETS = ("llama-perplexity", "llama-imatrix")
+# Fixes to the pinned source, applied when it is extracted: (file, text, replacement, why); each text occurs
+# once. The stamp (PATCHES_DIGEST) makes a copy extracted before a change be extracted and built again.
+SOURCE_PATCHES = (
+    (
+        "tools/server/server-models.cpp",
+        'if (lowered == "accept-encoding") {',
+        'if (lowered == "accept-encoding" || lowered == "connection") {',
+        "router mode forwards the client's hop-by-hop Connection header to the child: a keep-alive client (the "
+        "openai one) then gets no `Connection: close`, yet the router closes the socket after the response, so "
+        "the next request on it fails with 'Server disconnected' (1 in 4 back to back, through Docker's port)",
+    ),
+)
+PATCHES_DIGEST = hashlib.sha256(repr(SOURCE_PATCHES).encode()).hexdigest()[:12]
+PATCH_STAMP = ".builder-patches"
 # The host's copy (`make llamacpp`): source, and the test build of llama-server and llama-quantize, in
 # the checkout's .cache/ (this file also runs alone, copied with files.py into the image build's source stage).
 _HERE = Path(__file__).resolve()
@@ -97,7 +112,8 @@ def log(msg: str) -> None:
 def fetch_source(out: Path, download_dir: Path | None = None) -> Path:
     """vendor/llama.cpp of the pinned sdist at `out` (hash-checked by pip; extracted beside `out`, then renamed)."""
     out = Path(out)
-    if (out / "convert_hf_to_gguf.py").is_file():
+    stamp = out / PATCH_STAMP
+    if (out / "convert_hf_to_gguf.py").is_file() and stamp.is_file() and stamp.read_text() == PATCHES_DIGEST:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="llamacpp-src-", dir=out.parent) as tmp:
@@ -113,8 +129,9 @@ def fetch_source(out: Path, download_dir: Path | None = None) -> Path:
             cmd += ["--require-hashes", "-r", str(req), "-d", str(dl), "--disable-pip-version-check", "-q"]
             subprocess.run(cmd, check=True)
         _check_sha256(sdist)
-        with atomic_dir(out, replace=True) as extracted:  # replaces only an incomplete earlier copy
+        with atomic_dir(out, replace=True) as extracted:  # replaces an incomplete or differently patched copy
             _extract_vendored(sdist, extracted)
+            apply_patches(extracted)
     log(f"llama.cpp source at {out}")
     return out
 
@@ -136,6 +153,17 @@ def _extract_vendored(sdist: Path, extracted: Path) -> None:
     (extracted / ".git").unlink(missing_ok=True)
     if not (extracted / "convert_hf_to_gguf.py").is_file():
         raise RuntimeError(f"{sdist} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
+
+
+def apply_patches(src: Path) -> None:
+    """SOURCE_PATCHES onto the extracted source `src`, then the stamp that says which."""
+    for name, text, replacement, _why in SOURCE_PATCHES:
+        path = src / name
+        code = path.read_text()
+        if code.count(text) != 1:
+            raise RuntimeError(f"{path}: the patched text occurs {code.count(text)} times, not once: {text!r}")
+        path.write_text(code.replace(text, replacement))
+    (src / PATCH_STAMP).write_text(PATCHES_DIGEST)
 
 
 def _check_sha256(path: Path) -> None:
@@ -202,7 +230,7 @@ def _build_stamped(out: Path, targets: tuple[str, ...]) -> Path:
     """Build `targets` for this machine into `out`, again only when the pin, flags or targets change."""
     stamp = out / ".built-with"
     # (the targets enter the stamp where they are not TARGETS: a host/ built before the quality tools is rebuilt)
-    want = " ".join([VERSION, SHA256, *CMAKE_HOST, *([] if targets == TARGETS else targets)])
+    want = " ".join([VERSION, SHA256, PATCHES_DIGEST, *CMAKE_HOST, *([] if targets == TARGETS else targets)])
     if stamp.is_file() and stamp.read_text() == want and all((out / t).is_file() for t in targets):
         log(f"{out}: up to date")
         return out
