@@ -19,15 +19,14 @@ from pathlib import Path
 
 from builder.errors import BuilderError
 from builder.model import merge  # its readers: the facts are what the merge would check
+from builder.runtime.vllm_boot import MAX_LORA_RANKS as VLLM_MAX_LORA_RANKS
+from builder.runtime.vllm_boot import max_lora_rank as vllm_max_lora_rank
 
 # Leaf module names of vocabulary-shaped matrices (the merge's VOCAB_MATRIX): the input side ...
 EMBEDDING_MODULES = frozenset({"embed_tokens", "word_embeddings", "wte"})
 # ... and the output side.
 LM_HEAD_MODULES = frozenset({"lm_head", "output_layer", "embed_out"})
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
-
-# vLLM (LoRAConfig.max_lora_rank is a Literal of these; PEFTHelper.validate_legal refuses r above it).
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass(frozen=True)
@@ -203,11 +202,6 @@ def tokenizer_changes(adapter: Path, base: Path) -> tuple[str, ...]:
 # -- vLLM --------------------------------------------------------------------------------------------
 
 
-def vllm_max_lora_rank(rank: int) -> int | None:
-    """The smallest --max-lora-rank vLLM accepts that holds `rank` (None above its largest)."""
-    return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
-
-
 def declared_rank(adapter: Path) -> int:
     """The largest rank adapter_config.json declares (r, and any rank_pattern value): what --max-lora-rank
     must hold. Read from the config alone, so it is known for an adapter over a hub base too."""
@@ -235,7 +229,9 @@ def vllm_problems(facts: AdapterFacts) -> list[str]:
     if facts.lora_bias:
         out.append(f"it trains LoRA biases (lora_bias), which vLLM refuses; {merge}")
     if vllm_max_lora_rank(facts.max_rank) is None:
-        out.append(f"its rank {facts.max_rank} is above vLLM's largest --max-lora-rank 512; {merge}")
+        out.append(
+            f"its rank {facts.max_rank} is above vLLM's largest --max-lora-rank {VLLM_MAX_LORA_RANKS[-1]}; {merge}"
+        )
     if not facts.uniform_scale:
         out.append(f"rank_pattern / alpha_pattern give modules scales vLLM does not apply; {merge}")
     if facts.embeddings_targeted or facts.lm_head_targeted:
