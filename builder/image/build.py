@@ -274,7 +274,7 @@ def build(
     console.print(
         f"[bold]building[/] {', '.join(chosen)} for [cyan]{spec.model}[/]"
         + (f" + adapter [cyan]{merged}[/]" if merged else "")
-        + (f" + unmerged adapters [cyan]{', '.join(served)}[/]" if served else "")
+        + (f"; served unmerged as model {', '.join(repr(n) for n in served)}" if served else "")
     )
     for name, plan in selection.lora.items():
         console.print(f"{name}: adapters {'served unmerged' if plan.mode == 'serve' else 'merged'} ({plan.reason})")
