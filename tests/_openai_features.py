@@ -86,3 +86,19 @@ def probe(url: str, model: str, key: str | None, prompt: str = "Who are you?") -
     ):
         check(name, fn)
     return results
+
+
+def back_to_back_failures(client, names: list[str], requests: int) -> list[str]:
+    """`requests` one-token chats on one keep-alive `client` (max_retries=0), naming each of `names` in turn:
+    the connection errors as "i: cause" (a server that closes a kept-alive socket unannounced fails here)."""
+    import openai
+
+    failed = []
+    for i in range(requests):
+        try:
+            client.chat.completions.create(
+                model=names[i % len(names)], messages=[{"role": "user", "content": "hi"}], max_tokens=1
+            )
+        except openai.APIConnectionError as e:
+            failed.append(f"{i}: {e.__cause__!r}")
+    return failed

@@ -89,8 +89,6 @@ def served(images):
             time.sleep(2)
         yield client
     finally:
-        logs = subprocess.run(["/usr/bin/docker", "logs", container], capture_output=True, text=True)
-        print(f"router log (shown when a test failed):\n{logs.stdout[-6000:]}{logs.stderr[-6000:]}")
         docker("rm", "-f", container, check=False)
 
 
@@ -114,15 +112,9 @@ def test_each_name_answers_with_its_adapter(served, images):
 def test_back_to_back_requests_through_the_router(served, images):
     """One keep-alive client, names in turn, no retries: each request answered (the router's Connection
     patch, builder/model/gguf/llamacpp.py SOURCE_PATCHES; unpatched, 1 in 4 failed here)."""
-    names = [images["base"].name, "tuned", "noise"]
-    failed = []
-    for i in range(60):
-        try:
-            served.chat.completions.create(
-                model=names[i % 3], messages=[{"role": "user", "content": "hi"}], max_tokens=1
-            )
-        except openai.APIConnectionError as e:
-            failed.append(f"{i}: {e.__cause__!r}")
+    from _openai_features import back_to_back_failures
+
+    failed = back_to_back_failures(served, [images["base"].name, "tuned", "noise"], 60)
     assert not failed, failed[:5]
 
 

@@ -145,13 +145,10 @@ def test_back_to_back_requests_on_one_keep_alive_client(router):
     """The openai client reuses its connection: the router must not close it unannounced. Unpatched
     (llamacpp.SOURCE_PATCHES), ~1% of these failed here with 'Server disconnected', 1 in 4 through Docker."""
     url, names = router
+    from _openai_features import back_to_back_failures
+
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
-    failed = []
-    for i in range(300):
-        try:
-            client.completions.create(model=names[i % len(names)], prompt=PROMPT, max_tokens=1)
-        except openai.APIConnectionError as e:
-            failed.append(f"{i}: {e.__cause__!r}")
+    failed = back_to_back_failures(client, names, 300)
     assert not failed, failed[:5]
 
 

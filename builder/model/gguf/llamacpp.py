@@ -167,8 +167,6 @@ def apply_patches(src: Path) -> None:
 
 
 def _check_sha256(path: Path) -> None:
-    import hashlib
-
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
