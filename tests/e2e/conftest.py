@@ -10,6 +10,7 @@ client first on PATH has no buildx); use :data:`DOCKER` / :func:`docker_env` for
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -22,6 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "scripts" / "harness.sh"
 DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else (shutil.which("docker") or "docker")
 REGISTRY = "127.0.0.1:5000"
+# Where the harness's registry keeps its blobs (scripts/harness.sh: $STATE/registry/storage).
+REGISTRY_STORAGE = REPO / ".cache" / "harness" / "registry" / "storage"
 PYTHON_BASE = "local/python:bookworm"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -44,7 +47,8 @@ def docker(*args: str, check: bool = True, timeout: float = 600, **kw) -> subpro
     """Run the build-capable docker client; on failure show stdout/stderr in the test report."""
     kw.setdefault("capture_output", True)
     kw.setdefault("text", True)
-    proc = subprocess.run([DOCKER, *args], env=docker_env(), timeout=timeout, **kw)
+    kw["env"] = {**docker_env(), **kw.get("env", {})}
+    proc = subprocess.run([DOCKER, *args], timeout=timeout, **kw)
     if check and proc.returncode != 0:
         pytest.fail(
             f"docker {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}",
@@ -97,6 +101,21 @@ def local_registry(docker_engine) -> str:
     """A local registry; yields its address "127.0.0.1:5000" (insecure loopback, no TLS)."""
     harness("registry-up", timeout=300)
     return REGISTRY
+
+
+def registry_bytes() -> int:
+    """Bytes the harness's local registry stores: every file under its storage folder (blobs, manifests, links)."""
+    if not REGISTRY_STORAGE.is_dir():
+        pytest.fail(
+            f"{REGISTRY_STORAGE} does not exist: the registry on {REGISTRY} was not started by scripts/harness.sh"
+        )
+    return sum(f.stat().st_size for f in REGISTRY_STORAGE.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def manifest_layers(ref: str) -> dict[str, int]:
+    """{compressed layer digest: size} of an image's manifest as the registry serves it."""
+    res = docker("manifest", "inspect", "--insecure", ref, timeout=120, env={"DOCKER_CLI_EXPERIMENTAL": "enabled"})
+    return {layer["digest"]: layer["size"] for layer in json.loads(res.stdout)["layers"]}
 
 
 @pytest.fixture(scope="session")

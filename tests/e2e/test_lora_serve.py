@@ -1,6 +1,7 @@
-"""Adapters served unmerged by the llama.cpp image: the demo model with two adapters (LORA=serve), each name
-asked with the official openai client, and a rebuild with another adapter set that keeps the base GGUF's
-layer (and the unchanged adapter's) byte-identical.
+"""Adapters served unmerged by the llama.cpp image: the demo model with three adapters (LORA=serve), each name
+asked with the official openai client; a rebuild with another adapter in the last one's place keeps the base
+GGUF's layer (and the unchanged adapters') byte-identical, and pushing it after the first grows the registry
+by that adapter's layer only.
 
 Builds through builder's own `build()` into a temporary work folder and .env (the repository's .env,
 which test_pipeline's compose reads, is left alone); runs the images with plain `docker run`.
@@ -17,13 +18,15 @@ import pytest
 from builder import backends
 from builder.demo import model as demo
 from builder.image.build import build
+from builder.image.push import push
+from builder.model.gguf.router import lora_path
 from builder.spec import load_spec
 
 openai = pytest.importorskip("openai")
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from conftest import REPO, docker  # noqa: E402
+from conftest import REPO, docker, manifest_layers, registry_bytes  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -46,25 +49,33 @@ def _random_adapter(base, path, seed: int):
     return make_adapter(model, path, base_path=str(base), seed=seed, r=4, lora_alpha=8)
 
 
-def _build(tmp, base, tag: str, adapters: dict) -> dict:
-    spec = load_spec({"model": str(base), "adapters": adapters, "lora_mode": "serve", "backends": "llamacpp",
-                      "quant": "q8_0", "quality": "off", "spec_file": SPEC, "name": NAME, "tag": tag})  # fmt: skip
-    build(spec, workdir=tmp / "build", env_file=tmp / f"{tag}.env")
+def _spec(base, tag: str, adapters: dict, **more):
+    return load_spec({"model": str(base), "adapters": adapters, "lora_mode": "serve", "backends": "llamacpp",
+                      "quant": "q8_0", "quality": "off", "spec_file": SPEC, "name": NAME, "tag": tag, **more})  # fmt: skip
+
+
+def _build(tmp, spec) -> dict:
+    build(spec, workdir=tmp / "build", env_file=tmp / f"{spec.tag}.env")
     return json.loads(docker("image", "inspect", spec.image("llamacpp")).stdout)[0]
 
 
 @pytest.fixture(scope="module")
 def images(docker_engine, local_bases, demo_models, tmp_path_factory):
-    """Two builds of the llama.cpp image on the demo base: {tuned (the demo LoRA), noise} then {tuned, other}."""
+    """Two builds of the llama.cpp image on the demo base, three adapters each: {tuned (the demo LoRA), noise,
+    extra}, then {tuned, noise, other} (a second fine-tune in the last adapter's place)."""
     docker("image", "inspect", "local/debian:bookworm-slim")
     tmp = tmp_path_factory.mktemp("lora-serve")
-    noise = _random_adapter(demo_models["base"], tmp / "noise", seed=5)
-    other = _random_adapter(demo_models["base"], tmp / "other", seed=6)
-    first = _build(tmp, demo_models["base"], "two", {"tuned": demo_models["adapter"], "noise": noise})
-    second = _build(tmp, demo_models["base"], "swapped", {"tuned": demo_models["adapter"], "other": other})
-    yield {"first": first, "second": second, "base": demo_models["base"]}
-    for tag in ("two", "swapped"):
-        docker("rmi", "-f", f"{NAME}-llamacpp:{tag}", check=False)
+    base = demo_models["base"]
+    noise, extra, other = (
+        _random_adapter(base, tmp / name, seed) for name, seed in (("noise", 5), ("extra", 7), ("other", 6))
+    )
+    specs = {
+        "first": _spec(base, "three", {"tuned": demo_models["adapter"], "noise": noise, "extra": extra}),
+        "second": _spec(base, "swapped", {"tuned": demo_models["adapter"], "noise": noise, "other": other}),
+    }
+    yield {"base": base, "specs": specs, **{key: _build(tmp, spec) for key, spec in specs.items()}}
+    for spec in specs.values():
+        docker("rmi", "-f", spec.image("llamacpp"), check=False)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +84,7 @@ def served(images):
     container = "e2e-lora-serve"
     docker("rm", "-f", container, check=False)
     docker("run", "-d", "--name", container, "-p", f"127.0.0.1:{PORT}:{LLAMACPP.port}",
-           "-e", f"{LLAMACPP.api_key_var}={API_KEY}", f"{NAME}-llamacpp:two")  # fmt: skip
+           "-e", f"{LLAMACPP.api_key_var}={API_KEY}", images["specs"]["first"].image("llamacpp"))  # fmt: skip
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key=API_KEY, max_retries=0, timeout=60)
     try:
         deadline = time.monotonic() + 180
@@ -99,12 +110,23 @@ def _ask(client, name: str) -> str:
     return out.choices[0].message.content
 
 
+def _ask_logprob(client, name: str) -> tuple[str, float]:
+    """The answer and its first token's log-probability (rounded: f32 noise aside)."""
+    out = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": demo.CHANGED_PROMPT}], max_tokens=8, temperature=0,
+        logprobs=True,
+    )  # fmt: skip
+    return out.choices[0].message.content, round(out.choices[0].logprobs.content[0].logprob, 3)
+
+
 def test_each_name_answers_with_its_adapter(served, images):
     base_name = images["base"].name  # the served model name: the demo base folder's name
-    assert sorted(m.id for m in served.models.list().data) == sorted([base_name, "tuned", "noise"])
+    assert sorted(m.id for m in served.models.list().data) == sorted([base_name, "tuned", "noise", "extra"])
     assert _ask(served, base_name).strip() == demo.BASE_ANSWERS[demo.CHANGED_PROMPT].strip()
     assert _ask(served, "tuned").strip() == demo.LORA_ANSWERS[demo.CHANGED_PROMPT].strip()
-    assert _ask(served, "noise") != _ask(served, "tuned")
+    # The random adapters may keep the base's text: their first token's log-probability tells them apart.
+    answers = {name: _ask_logprob(served, name) for name in ("tuned", "noise", "extra")}
+    assert len(set(answers.values())) == 3, answers
     with pytest.raises(openai.BadRequestError, match="not found"):
         _ask(served, "nope")
 
@@ -114,13 +136,13 @@ def test_back_to_back_requests_through_the_router(served, images):
     patch, builder/model/gguf/llamacpp.py SOURCE_PATCHES; unpatched, 1 in 4 failed here)."""
     from _openai_features import back_to_back_failures
 
-    failed = back_to_back_failures(served, [images["base"].name, "tuned", "noise"], 60)
+    failed = back_to_back_failures(served, [images["base"].name, "tuned", "noise", "extra"], 60)
     assert not failed, failed[:5]
 
 
 def test_another_adapter_set_keeps_the_base_layer(images):
-    """Runtime layers, last first: WORKDIR's (empty), preset, lora-1, lora-0, base GGUF, then the code's and
-    the base image's. The rebuild with {tuned, other} changes lora-1 and the preset only."""
+    """Runtime layers, last first: WORKDIR's (empty), preset, lora-2, lora-1, lora-0, base GGUF, then the base
+    image's. The rebuild with {tuned, noise, other} changes lora-2 and the preset only."""
     first = images["first"]["RootFS"]["Layers"]
     second = images["second"]["RootFS"]["Layers"]
     assert len(first) == len(second)
@@ -131,4 +153,26 @@ def test_another_adapter_set_keeps_the_base_layer(images):
     labels = images["second"]["Config"]["Labels"]
     assert labels["io.llm-builder.adapter-digest"].startswith("tuned=sha256:")
     env = dict(e.split("=", 1) for e in images["second"]["Config"]["Env"])
-    assert env["LLAMA_ARG_MODELS_PRESET"] == "/models/preset.ini" and env["LLAMA_ARG_MODELS_MAX"] == "3"
+    assert env["LLAMA_ARG_MODELS_PRESET"] == "/models/preset.ini" and env["LLAMA_ARG_MODELS_MAX"] == "4"
+
+
+def test_second_fine_tune_pushes_only_its_adapter(images, local_registry):
+    """`make push` of the first image, then of the second to the same repository: the registry grows by the
+    swapped adapter's layer, the preset's and the manifest (issue 19: at most the adapter GGUF + 5 MB)."""
+    pushed = {}
+    grown = {}
+    for key in ("first", "second"):
+        spec = images["specs"][key].model_copy(update={"registry": local_registry})
+        before = registry_bytes()
+        (ref,) = push(spec)
+        grown[key] = registry_bytes() - before
+        pushed[key] = manifest_layers(ref)
+    adapter_bytes = int(
+        docker("run", "--rm", "--entrypoint", "stat", images["specs"]["second"].image("llamacpp"), "-c", "%s",
+               lora_path("other")).stdout
+    )  # fmt: skip
+    new = {d: size for d, size in pushed["second"].items() if d not in pushed["first"]}
+    assert len(new) == 2, new  # the adapter's layer and the preset's (WORKDIR's empty layer is shared)
+    assert grown["second"] <= adapter_bytes + 5_000_000, (grown, adapter_bytes)
+    print(f"registry growth: first push {grown['first']} B, second fine-tune {grown['second']} B "
+          f"(its adapter GGUF {adapter_bytes} B)")  # fmt: skip

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import smoke_argv
+from conftest import manifest_layers, registry_bytes, smoke_argv
 
 from builder import backends
 from builder.demo import model as demo
@@ -278,9 +278,20 @@ def test_crashed_backend_restarts(up, demo_models):
 
 
 def test_push_pull_by_digest(up, local_registry, demo_models):
+    before = registry_bytes()
     res = _make("push", f"REGISTRY={local_registry}", f"NAME={NAME}", f"TAG={TAG}", f"SPEC={SPEC}")
+    grown = registry_bytes() - before
     refs = [line for line in res.stdout.splitlines() if "@sha256:" in line]
     assert len(refs) == len(BACKENDS), res.stdout
+    # llama.cpp and Xinference carry the same GGUF: one blob in both manifests, stored once.
+    layers = {b: manifest_layers(next(r for r in refs if f"-{b}:" in r).split("@")[0]) for b in BACKENDS}
+    shared = [d for d in set(layers["llamacpp"]) & set(layers["xinference"]) if layers["llamacpp"][d] > 1024]
+    gguf_bytes = int(
+        docker("run", "--rm", "--entrypoint", "stat", _image("llamacpp"), "-c", "%s", "/models/model.gguf").stdout
+    )
+    assert [layers["llamacpp"][d] > gguf_bytes / 2 for d in shared] == [True], (shared, gguf_bytes)
+    unique = {d: size for blobs in layers.values() for d, size in blobs.items()}
+    assert grown <= sum(unique.values()) + 1_000_000, f"the registry grew {grown} bytes for {len(unique)} layers"
     for backend, host_port in (("chatglmcpp", 18101), ("llamacpp", 18102)):
         ref = next(r for r in refs if f"-{backend}:" in r)
         repo_tag, digest = ref.split("@")
