@@ -172,3 +172,88 @@ def test_model_management_cannot_reach_outside_the_preset(router):
     req = urllib.request.Request(url + "/models/unload", data=b'{"model": "beta"}', method="POST")
     with pytest.raises(urllib.error.HTTPError, match="401"):
         urllib.request.urlopen(req, timeout=10)
+
+
+# ---- hostile clients: what a client can send through the router, and what it must not be able to stall ----------
+
+
+def _raw(url: str, body: bytes | None, path: str = "/v1/chat/completions", timeout: float = 60) -> tuple[int, dict]:
+    """A POST with any bytes as its body (the openai client only sends valid JSON)."""
+    req = urllib.request.Request(url + path, data=body, method="POST",
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.mark.slow
+def test_malformed_and_oversized_bodies_get_openai_shaped_errors(router):
+    """Each refused with an OpenAI-shaped error body, none reaches a crash; an unparsable body is 500 (llama-server
+    answers its JSON parser's exception so), the rest 400; a 12 MB prompt (8M tokens) is refused in seconds."""
+    url, names = router
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [
+        (b"{not json", 500, "parse error"),
+        (b"", 500, "parse error"),
+        (b"[1, 2]", 400, "model name is missing"),
+        (json.dumps({"model": 123, **chat}).encode(), 400, "model name is missing"),
+        (json.dumps({"model": ["alpha"], **chat}).encode(), 400, "model name is missing"),
+        (json.dumps({"model": "alpha", "messages": "x"}).encode(), 400, "messages"),
+    ]
+    for body, status, message in cases:
+        code, err = _raw(url, body)
+        assert (code, err["error"]["code"]) == (status, status) and message in err["error"]["message"], (body, err)
+    start = time.monotonic()
+    code, err = _raw(url, json.dumps({"model": "alpha", "prompt": "hello " * 2_000_000, "max_tokens": 2}).encode(),
+                     path="/v1/completions")  # fmt: skip
+    assert code == 400 and err["error"]["type"] == "exceed_context_size_error", err
+    assert time.monotonic() - start < 30
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    assert all(_answer(client, name) for name in names)
+
+
+@pytest.mark.slow
+def test_hung_up_and_stalled_clients_do_not_block_others(router):
+    """Streams abandoned after their first bytes, and 64 connections that send half a request and then nothing
+    (open while the next request is asked): every name still answers, at once."""
+    import socket
+
+    url, names = router
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps({"model": "beta", "prompt": PROMPT, "max_tokens": 200, "stream": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(head + body)
+            assert s.recv(64).startswith(b"HTTP/1.1 200")
+    stalled = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(64)]
+    try:
+        for s in stalled:
+            s.sendall(head[: len(head) // 2])
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=10)
+        start = time.monotonic()
+        assert all(_answer(client, name) for name in names)
+        assert time.monotonic() - start < 10
+    finally:
+        for s in stalled:
+            s.close()
+
+
+@pytest.mark.slow
+def test_overload_is_queued_and_every_request_answered(router):
+    """32 openai clients at once over the three names, one slot per child: all answered (queued), none dropped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, names = router
+
+    def ask(i: int) -> str:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        out = client.completions.create(model=names[i % 3], prompt=PROMPT, max_tokens=32, temperature=0)
+        return out.choices[0].finish_reason
+
+    with ThreadPoolExecutor(32) as pool:
+        reasons = list(pool.map(ask, range(32)))
+    assert len(reasons) == 32 and set(reasons) <= {"length", "stop"}, reasons
