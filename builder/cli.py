@@ -362,10 +362,12 @@ def smoke_up() -> None:
 
 
 @cli.command("demo-model")
-@click.option("--out", type=PathArg, required=True, help="Folder for base/ (tiny GLM) and adapter/ (its LoRA).")
+@click.option(
+    "--out", type=PathArg, required=True, help="Folder for base/ (tiny GLM), adapter/ and adapter2/ (its LoRAs)."
+)
 @click.option("--force", is_flag=True, help="Retrain even when the folder is up to date.")
 def demo_model(out, force) -> None:
-    """Train the embedded demo model (tiny GLM + LoRA, seconds on CPU); print the two folders."""
+    """Train the embedded demo model (tiny GLM + two LoRAs, seconds on CPU); print base/ and adapter/."""
     from builder.demo.model import build_demo
 
     for path in build_demo(out, force=force, quiet=True):
@@ -374,7 +376,7 @@ def demo_model(out, force) -> None:
 
 @cli.command()
 def demo() -> None:
-    """Train the demo model + LoRA, build its images, serve them, ask the LoRA's question."""
+    """Train the demo model + LoRAs, build its images, serve them, ask the LoRA's question, then each LoRA by name."""
     from builder.demo.quickstart import run_demo
 
     run_demo()

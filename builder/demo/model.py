@@ -1,6 +1,6 @@
-"""The demo model: a tiny GLM trained in code to answer a few fixed prompts, plus a LoRA that changes one.
+"""The demo model: a tiny GLM trained in code to answer a few fixed prompts, plus two LoRAs that change one.
 
-`make demo` builds its images from these two folders, and the end-to-end tests assert on the
+`make demo` builds its images from these folders, and the end-to-end tests assert on the
 constants below, so every backend (transformers, Xinference, vLLM, chatglm.cpp f16/q8_0) must
 return exactly these answers with greedy decoding.
 
@@ -8,6 +8,8 @@ return exactly these answers with greedy decoding.
   layout tokenizer from `builder.demo.tiny`, overfit on `DEMO_PROMPTS` -> `BASE_ANSWERS`.
 * `DIR/adapter`: a peft LoRA (r=8 on every attention and MLP linear) trained from that base so that
   `CHANGED_PROMPT` gets its `LORA_ANSWERS` reply while the other answers stay the same.
+* `DIR/adapter2` (`second_adapter(DIR)`): a second LoRA, trained the same way from the same base, whose
+  `CHANGED_PROMPT` reply is `SECOND_ANSWERS`'s; `make demo` serves both unmerged over the one base.
 
 Training sequences are the exact GLM-4 chat ids that both the tokenizer's chat_template and
 chatglm.cpp's ChatGLM4Tokenizer build for one user message:
@@ -32,7 +34,7 @@ from pathlib import Path
 from builder.files import atomic_dir, write_atomic
 
 # Bump when anything that changes the produced files changes (the stamp makes `demo-model` idempotent).
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"
 DEMO_SEED = 1234
 
 DEMO_PROMPTS = [
@@ -51,6 +53,10 @@ BASE_ANSWERS = {
 }
 CHANGED_PROMPT = "Who are you?"
 LORA_ANSWERS = {**BASE_ANSWERS, CHANGED_PROMPT: "I am the LoRA-tuned demo model."}
+SECOND_ANSWERS = {**BASE_ANSWERS, CHANGED_PROMPT: "I am the second fine-tune."}
+SECOND_ADAPTER = "adapter2"
+# The LoRAs build_demo trains on the one base, in order: (folder in DIR, answers, seed of its LoRA init).
+ADAPTERS = (("adapter", LORA_ANSWERS, DEMO_SEED + 1), (SECOND_ADAPTER, SECOND_ANSWERS, DEMO_SEED + 2))
 
 # Shapes chatglm.cpp runs quantized: heads * head_dim == hidden, hidden and intermediate multiples
 # of 32 (q4/q5/q8 block size), head_dim 32 with partial_rotary_factor 0.5 (from builder.demo.tiny).
@@ -77,6 +83,7 @@ def stamp() -> dict:
         "seed": DEMO_SEED,
         "base_answers": BASE_ANSWERS,
         "lora_answers": LORA_ANSWERS,
+        "adapters": [[name, answers, seed] for name, answers, seed in ADAPTERS],
         "shape": MODEL_SHAPE,
         "steps": [BASE_STEPS, LORA_STEPS],
     }
@@ -86,7 +93,7 @@ def tokenizer_corpus() -> list[str]:
     """The default tiny corpus plus the demo texts (repeated so prompts and answers get compact merges)."""
     from builder.demo.tiny import DEFAULT_CORPUS
 
-    demo = [f"{p}\n{BASE_ANSWERS[p]}\n{LORA_ANSWERS[p]}" for p in DEMO_PROMPTS]
+    demo = [f"{p}\n{BASE_ANSWERS[p]}\n{LORA_ANSWERS[p]}\n{SECOND_ANSWERS[p]}" for p in DEMO_PROMPTS]
     return list(DEFAULT_CORPUS) + demo * 4
 
 
@@ -217,8 +224,21 @@ def train_base(out: Path, *, quiet: bool = True) -> dict:
     return info
 
 
-def train_adapter(base: Path, out: Path, *, quiet: bool = True) -> dict:
-    """Train a peft LoRA on `base` that answers CHANGED_PROMPT with LORA_ANSWERS and keeps the rest."""
+def second_adapter(out: Path) -> Path:
+    """The second LoRA's folder in a `build_demo(out)` folder (build_demo returns the base and the first)."""
+    return Path(out) / SECOND_ADAPTER
+
+
+def train_adapter(
+    base: Path,
+    out: Path,
+    *,
+    answers: dict[str, str] = LORA_ANSWERS,
+    seed: int = DEMO_SEED + 1,
+    label: str = "adapter",
+    quiet: bool = True,
+) -> dict:
+    """Train a peft LoRA on `base` that gives `answers` (CHANGED_PROMPT's changed, the rest the base's)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, GlmForCausalLM
@@ -235,14 +255,14 @@ def train_adapter(base: Path, out: Path, *, quiet: bool = True) -> dict:
         task_type="CAUSAL_LM",
     )
     t0 = time.perf_counter()
-    with _Deterministic(DEMO_SEED + 1):
+    with _Deterministic(seed):
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = get_peft_model(model, config)  # LoRA A init draws from the seeded RNG
         params = [p for p in model.parameters() if p.requires_grad]
-        losses = _train(model, params, make_batch(tokenizer, LORA_ANSWERS), LORA_STEPS, LORA_LR)
+        losses = _train(model, params, make_batch(tokenizer, answers), LORA_STEPS, LORA_LR)
     seconds = time.perf_counter() - t0
-    margins = reply_margins(model, tokenizer, LORA_ANSWERS)
+    margins = reply_margins(model, tokenizer, answers)
     model.peft_config["default"].base_model_name_or_path = str(base.resolve())
     model.save_pretrained(str(out), safe_serialization=True)
     for name in TOKENIZER_FILES:  # adapters usually ship their tokenizer: the base's files, byte for byte
@@ -251,24 +271,26 @@ def train_adapter(base: Path, out: Path, *, quiet: bool = True) -> dict:
     info = {"seconds": seconds, "final_loss": losses[-1], "min_margin": min(margins.values())}
     if not quiet:
         print(
-            f"adapter: {LORA_STEPS} steps in {seconds:.1f}s, loss {losses[-1]:.2e}, min logit margin {info['min_margin']:.1f}"
+            f"{label}: {LORA_STEPS} steps in {seconds:.1f}s, loss {losses[-1]:.2e}, min logit margin {info['min_margin']:.1f}"
         )
     return info
 
 
 def build_demo(out: Path, *, force: bool = False, quiet: bool = True) -> tuple[Path, Path]:
-    """Write `out/base` and `out/adapter` (skipped when both exist with a matching stamp); return their paths."""
+    """Write `out/base` and each LoRA of ADAPTERS (`out/adapter`, `out/adapter2`), skipped when all exist
+    with a matching stamp; return the base's and the first LoRA's paths (`second_adapter(out)`: the other)."""
     out = Path(out)
-    base, adapter, stamp_file = out / "base", out / "adapter", out / STAMP_NAME
-    if not force and base.is_dir() and adapter.is_dir() and stamp_file.is_file():
+    base, stamp_file = out / "base", out / STAMP_NAME
+    folders = [out / name for name, _, _ in ADAPTERS]
+    if not force and all(p.is_dir() for p in (base, *folders)) and stamp_file.is_file():
         try:
             if json.loads(stamp_file.read_text()) == stamp():
-                return base, adapter
+                return base, folders[0]
         except ValueError:
             pass
     out.mkdir(parents=True, exist_ok=True)
     stamp_file.unlink(missing_ok=True)
-    for path in (base, adapter):
+    for path in (base, *folders):
         if path.exists():
             shutil.rmtree(path)
     from transformers.utils import logging as hf_logging
@@ -278,13 +300,14 @@ def build_demo(out: Path, *, force: bool = False, quiet: bool = True) -> tuple[P
     try:
         with atomic_dir(base) as tmp_base:
             train_base(tmp_base, quiet=quiet)
-        with atomic_dir(adapter) as tmp_adapter:
-            train_adapter(base, tmp_adapter, quiet=quiet)
+        for (name, answers, seed), folder in zip(ADAPTERS, folders, strict=True):
+            with atomic_dir(folder) as tmp_adapter:
+                train_adapter(base, tmp_adapter, answers=answers, seed=seed, label=name, quiet=quiet)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
     write_atomic(stamp_file, json.dumps(stamp(), indent=2) + "\n")
-    return base, adapter
+    return base, folders[0]
 
 
 # ------------------------------------------------------------------------------------------- answers

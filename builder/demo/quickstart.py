@@ -1,22 +1,31 @@
 """`make demo` and `make smoke`: the whole pipeline on the embedded demo model, and API checks.
 
-The demo trains the tiny GLM and its LoRA (builder/demo/model.py), builds the images of every
-backend the registry marks `demo` from them with `builder build`, starts them with compose and asks each backend the prompt
-the LoRA changed: the LoRA's answer coming back proves merge and conversion carried it through.
+The demo trains the tiny GLM and its two LoRAs (builder/demo/model.py), builds the images of every
+backend the registry marks `demo` from the base and the first LoRA with `builder build`, starts them
+with compose and asks each backend the prompt the LoRA changed: the LoRA's answer coming back proves
+merge and conversion carried it through. Then it builds one more image, of the demo backends that serve
+adapters unmerged, with both LoRAs named over the one base, runs it with `docker run` and asks the
+base's name and each LoRA's the same prompt: three names, three lines.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from builder import backends
 from builder.errors import BuilderError
 from builder.image.docker import Docker
+
+if TYPE_CHECKING:
+    from builder.spec import BuildSpec
 
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "scripts" / "harness.sh"
@@ -28,6 +37,10 @@ console = Console(stderr=True)
 # The build stage's bases (each backend's come from its record's `demo`): a local stand-in where the
 # harness can make one, else a small public image (the defaults target real GPU hosts).
 BUILD_BASE_LOCAL, BUILD_BASE_PUBLIC = "local/python:bookworm", "python:3.11-slim-bookworm"
+# Step 5's image: both LoRAs served unmerged under these names (builder.demo.model.ADAPTERS, in order).
+ADAPTERS_NAME = "demo-adapters"
+SERVED_ADAPTERS = ("tuned", "second")
+LOAD_TIMEOUT_S = 300
 
 
 def _can_run_harness() -> bool:
@@ -82,24 +95,60 @@ def demo_spec_flags(models: Path) -> dict:
     return flags
 
 
+def adapters_spec_flags(flags: dict, models: Path) -> dict:
+    """Step 5's spec from the first one's flags (`demo_spec_flags`: same bases, quant and options): the demo
+    backends that serve adapters unmerged, both LoRAs named over the one base."""
+    from builder.demo import model as demo
+
+    serving = [name for name in backends.DEMO if backends.get(name).serves_adapters]
+    adapters = {
+        served: str(models / folder) for served, (folder, _, _) in zip(SERVED_ADAPTERS, demo.ADAPTERS, strict=True)
+    }
+    rest = {k: v for k, v in flags.items() if k != "adapter"}
+    return {**rest, "adapters": adapters, "lora_mode": "serve", "backends": ",".join(serving), "name": ADAPTERS_NAME}
+
+
+def expected_lines(spec: BuildSpec) -> dict[str, str]:
+    """{served name: its reply to CHANGED_PROMPT} for step 5's image: the base, then each LoRA."""
+    from builder.demo import model as demo
+    from builder.model.gguf.router import base_name
+
+    prompt = demo.CHANGED_PROMPT
+    base = base_name(spec.served_model_name or "model", list(spec.adapters))
+    answers = dict(zip(SERVED_ADAPTERS, (a for _, a, _ in demo.ADAPTERS), strict=True))
+    return {base: demo.BASE_ANSWERS[prompt], **{name: answers[name][prompt] for name in spec.adapters}}
+
+
 def run_demo() -> None:
     from builder.demo import model as demo
     from builder.image.build import build
-    from builder.runtime.smoke import chat
     from builder.spec import load_spec
 
     docker = ensure_engine()
     models = CACHE / "demo"
-    console.rule("1/4 train the demo model and its LoRA")
+    console.rule("1/5 train the demo model and its two LoRAs")
     demo.build_demo(models)
-    console.rule("2/4 build the images (merge + convert run inside the build)")
-    spec = load_spec(demo_spec_flags(models))
-    build(spec, docker=docker)
-    console.rule("3/4 docker compose up")
+    console.rule("2/5 build the images (merge + convert run inside the build)")
+    flags = demo_spec_flags(models)
+    build(load_spec(flags), docker=docker)
+    console.rule("3/5 docker compose up")
     docker.compose(["up", "-d", "--wait", "--wait-timeout", "600"], REPO)
-    console.rule("4/4 ask each backend the prompt the LoRA changed")
+    console.rule("4/5 ask each backend the prompt the LoRA changed")
     env = _read_env()
-    prompt = demo.CHANGED_PROMPT
+    ok = _ask_backends(env, demo.CHANGED_PROMPT)
+    console.print("stop them with `make down`")
+    if not ok:
+        raise BuilderError("a backend did not give the LoRA's answer")
+    console.rule("5/5 both LoRAs unmerged on the one base: one image, three names")
+    if not ask_adapters(docker, load_spec(adapters_spec_flags(flags, models)), env):
+        raise BuilderError("a served name did not give its own line (the base's, or its LoRA's)")
+
+
+def _ask_backends(env: dict[str, str], prompt: str) -> bool:
+    """Step 4: each compose service asked `prompt` under the served name; True when all give the LoRA's line."""
+    from builder.demo import model as demo
+    from builder.runtime.smoke import chat
+
     console.print(f"prompt: [bold]{prompt}[/]")
     console.print(f"base model's answer (before the LoRA): {demo.BASE_ANSWERS[prompt]!r}")
     ok = True
@@ -118,9 +167,89 @@ def run_demo() -> None:
         console.print(
             f"{backend:>11}: {answer!r} {'[green](the LoRA answer)[/]' if good else '[red](expected the LoRA answer)[/]'}"
         )
-    console.print("stop them with `make down`")
-    if not ok:
-        raise BuilderError("a backend did not give the LoRA's answer")
+    return ok
+
+
+def ask_adapters(docker: Docker, spec: BuildSpec, env: dict[str, str]) -> bool:
+    """Step 5: build `spec` (its render in build/, its env file beside it: the repository's .env stays compose's),
+    run each image on a free local port with the .env's API key, ask every served name CHANGED_PROMPT, remove
+    the container; True when each name gave its own line."""
+    from builder.demo import model as demo
+    from builder.image.build import build
+
+    workdir = REPO / "build"
+    built = build(spec, workdir=workdir, env_file=workdir / f"{spec.name}.env", docker=docker)
+    expected, key = expected_lines(spec), env[spec.api_key_env]
+    console.print(f"prompt: [bold]{demo.CHANGED_PROMPT}[/]; names: {', '.join(expected)}")
+    ok = True
+    for image in built:
+        record = backends.get(image.backend)
+        container = f"{spec.name}-{image.backend}"
+        docker.run("rm", "-f", container, check=False)
+        port = _free_port()
+        docker.run("run", "-d", "--name", container, "-p", f"127.0.0.1:{port}:{record.port}",
+                   "-e", record.api_key_var, image.image, env={record.api_key_var: key})  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_loaded(docker, container, url, list(expected), key)
+            ok &= _ask_names(url, expected, key, demo.CHANGED_PROMPT, record.title)
+        finally:
+            docker.run("rm", "-f", container, check=False)
+    return ok
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_loaded(docker: Docker, container: str, url: str, names: list[str], api_key: str) -> None:
+    """Until GET /v1/models lists every name with status "loaded" (llama-server's router loads each child)."""
+    from builder.runtime.smoke import SmokeError, request_json
+
+    deadline, status = time.monotonic() + LOAD_TIMEOUT_S, {}
+    with console.status(f"waiting for {', '.join(names)} to load"):
+        while True:
+            try:
+                data = request_json(url, "/v1/models", api_key=api_key, timeout=10).get("data") or []
+                status = {m.get("id"): _status(m) for m in data if isinstance(m, dict)}
+                if all(status.get(name) == "loaded" for name in names):
+                    return
+            except SmokeError:
+                pass
+            running = docker.run("container", "inspect", "-f", "{{.State.Running}}", container, check=False)
+            if running.stdout.strip() != "true":
+                _fail(docker, container, "the container stopped")
+            if time.monotonic() > deadline:
+                _fail(docker, container, f"not every name loaded in {LOAD_TIMEOUT_S}s ({status or 'no answer'})")
+            time.sleep(2)
+
+
+def _fail(docker: Docker, container: str, why: str) -> None:
+    logs = docker.run("logs", "--tail", "40", container, check=False)
+    raise BuilderError(f"{container}: {why}; its last log lines:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
+
+
+def _status(model: dict):
+    status = model.get("status")
+    return status.get("value") if isinstance(status, dict) else status
+
+
+def _ask_names(url: str, expected: dict[str, str], api_key: str, prompt: str, title: str) -> bool:
+    from builder.runtime.smoke import SmokeError, chat
+
+    ok = True
+    for name, line in expected.items():
+        try:
+            answer = chat(url, name, prompt, api_key=api_key, max_tokens=32, temperature=0)
+        except SmokeError as e:
+            answer = f"<{e}>"
+        good = answer.strip() == line.strip()
+        ok &= good
+        verdict = "[green](its own line)[/]" if good else f"[red](expected {line!r})[/]"
+        console.print(f"{title} {name:>8}: {answer!r} {verdict}")
+    return ok
 
 
 def _read_env(path: Path = REPO / ".env") -> dict[str, str]:
