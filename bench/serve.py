@@ -19,10 +19,20 @@ On a random transformers-native GLM (default ~183M parameters, q4_0; built once 
                   fine-tune only). Alternating rounds, medians; goal: unmerged within 15% of merged at 1 client.
                   --threads: -t of every server and router child (default: all CPUs, as the image's -1); on a
                   shared machine use fewer: a descheduled thread stalls every graph node's barrier
+  --lora --variants default,poll=0,OMP_WAIT_POLICY=passive
+                  the router only, one per variant ('+' joins settings: a lowercase key goes into its
+                  preset's [*], e.g. `poll = 0`; an uppercase one into its environment, which every child
+                  inherits), each child -t --threads: 1 client on ad1 (decode tokens/s) and 8 clients over
+                  ad1 ad2 ad3 (aggregate), alternating rounds, medians. NB: llama.cpp built with OpenMP (the
+                  host build and the image: libgomp) never reads `poll` (it only sets how ggml's own pthread
+                  pool waits for work); its threads wait as libgomp's OMP_WAIT_POLICY / GOMP_SPINCOUNT say.
+                  --lora-dir DIR: other GGUFs (DIR/base.QUANT.gguf, DIR/adN.gguf, a missing adN served
+                  with ad1.gguf: 3 children contend all the same)
 
     .venv/bin/python bench/serve.py [--tokens 64] [--clients 16] [--repeat 5]
     .venv/bin/python bench/serve.py --vs-llamacpp [--repeat 5]
     .venv/bin/python bench/serve.py --lora [--tokens 64] [--repeat 5] [--threads N]
+    .venv/bin/python bench/serve.py --lora --variants default,OMP_WAIT_POLICY=passive [--threads N] [--lora-dir DIR]
 """
 
 from __future__ import annotations
@@ -372,6 +382,54 @@ def lora_figures(args) -> None:
           f"router base / base --no-repack: {med['router, base'] / med['base, no-repack']:.2f}")  # fmt: skip
 
 
+def variant_figures(args) -> None:
+    """--lora --variants: routers that differ only in their preset's [*] or their environment, alternating rounds."""
+    from builder.model.gguf.router import models_max, router_preset
+
+    if args.lora_dir:
+        d = Path(args.lora_dir)
+        files = {"base": d / f"base.{args.quant}.gguf"}
+        files.update((n, d / f"{n}.gguf" if (d / f"{n}.gguf").exists() else d / "ad1.gguf") for n in ADAPTERS)
+    else:
+        files = build_lora_models(args.quant)
+    text = router_preset("bench", ADAPTERS, str(files["base"]), {n: str(files[n]) for n in ADAPTERS})
+    print(f"{files['base']} ({files['base'].stat().st_size / 1e6:.0f} MB), adapters "
+          f"{', '.join(f'{n}={files[n].name}' for n in ADAPTERS)}; {os.cpu_count()} CPUs; router children -t "
+          f"{args.threads}, -np 8, --kv-unified, -c 4096; {args.tokens} new tokens a request (ignore_eos), greedy")  # fmt: skip
+    names = args.variants.split(",")
+    running: dict[str, Server] = {}
+    decode: dict[str, list[float]] = {name: [] for name in names}
+    agg: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        for k, name in enumerate(names):
+            settings = dict(kv.split("=", 1) for kv in name.split("+") if kv != "default")
+            shared = "".join(f"{key} = {v}\n" for key, v in settings.items() if key.islower())
+            env = {key: v for key, v in settings.items() if not key.islower()}
+            preset = Path(f"/tmp/bench-preset-{os.getpid()}-{k}.ini")
+            preset.write_text(text.replace("[*]\n", f"[*]\n{shared}", 1))  # router_preset's SHARED + these
+            extra = ("--models-max", str(models_max(ADAPTERS)))
+            running[name] = Server("router", preset, args.port + k, args.threads, extra, **env)
+            for m in ADAPTERS:
+                completion(running[name].url, 4, model=m)
+        for r in range(args.repeat):
+            print(f"round {r + 1}:", flush=True)
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                completion(running[name].url, args.tokens, model="ad1", decode=decode[name], ignore_eos=True)
+                print(f"  1 client  {name:<28} decode {decode[name][-1]:6.1f} tok/s", flush=True)
+            for name in order:
+                tps, _ = concurrent(running[name].url, 8, args.tokens, models=ADAPTERS, ignore_eos=True)
+                agg[name].append(tps)
+                print(f"  8 clients {name:<28} {tps:6.1f} tok/s", flush=True)
+    finally:
+        for server in running.values():
+            server.close()
+    print(f"\nmedians of {args.repeat} rounds, router children -t {args.threads}")
+    print(f"  {'':<28} {'1 client ad1 decode':>20} {'8 clients ad1-3 aggregate':>26}")
+    for name in names:
+        print(f"  {name:<28} {statistics.median(decode[name]):20.1f} {statistics.median(agg[name]):26.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=1024)
@@ -385,7 +443,11 @@ def main() -> None:
     ap.add_argument("--lora", action="store_true", help="adapters unmerged (router) vs merged, on llama-server")
     ap.add_argument("--quant", default="q4_k_m", help="--lora: the base's GGUF type")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="--lora: -t of every llama-server")
+    ap.add_argument("--variants", help="--lora: compare routers so set (e.g. default,poll=0,OMP_WAIT_POLICY=passive)")
+    ap.add_argument("--lora-dir", help="--lora --variants: GGUFs from here instead of .cache/bench/lora/")
     args = ap.parse_args()
+    if args.lora and args.variants:
+        return variant_figures(args)
     if args.lora:
         return lora_figures(args)
     ggml, gguf = build_model(args.hidden, args.layers, args.intermediate, gguf=args.vs_llamacpp)
