@@ -139,10 +139,12 @@ def local_bases(docker_engine) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def demo_models() -> dict[str, Path]:
-    """The embedded demo model and its LoRA (trained once, cached in .cache/demo)."""
+    """The embedded demo model and its two LoRAs (trained once, cached in .cache/demo)."""
+    from builder.demo.model import second_adapter
+
     out = REPO / ".cache" / "demo"
     subprocess.run([sys.executable, "-m", "builder", "demo-model", "--out", str(out)], check=True, cwd=REPO)
-    return {"base": out / "base", "adapter": out / "adapter"}
+    return {"base": out / "base", "adapter": out / "adapter", "second": second_adapter(out)}
 
 
 def smoke_argv(container: str, port: int, model: str, api_key: str, skip=()) -> list[str]:
