@@ -36,7 +36,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from builder import backends  # noqa: E402
 from builder.image.build import build  # noqa: E402
 from builder.image.docker import Docker  # noqa: E402
-from builder.image.push import push  # noqa: E402
+from builder.image.push import manifest_layers, push  # noqa: E402
 from builder.spec import BuildSpec, load_spec  # noqa: E402
 
 SPEC = REPO / "tests" / "e2e" / "local-bases.yaml"
@@ -120,14 +120,19 @@ def scenario(name: str, base: Path, adapters: list[Path], work: Path, docker: Do
             built = build(spec, workdir=work / "build", env_file=work / f"{name}-ft{i}.env", docker=docker)
             t1 = time.perf_counter()
             before = registry.bytes()
-            push(spec, docker=docker)
+            refs = push(spec, docker=docker)
             t2 = time.perf_counter()
             ggufs = {}
             for b in built:
                 ggufs.update(gguf_sizes(docker, b.image))
+            layers = [manifest_layers(docker, ref) for ref in refs]
+            unique = {d: size for blobs in layers for d, size in blobs.items()}
+            shared = [d for d in unique if sum(d in blobs for blobs in layers) > 1 and unique[d] > 1024]
             rows.append({"scenario": name, "fine-tune": i, "build_s": t1 - t0, "push_s": t2 - t1,
                          "registry_growth_mb": (registry.bytes() - before) / MB,
-                         "gguf_mb": {k: v / MB for k, v in ggufs.items()}})  # fmt: skip
+                         "gguf_mb": {k: v / MB for k, v in ggufs.items()},
+                         "image_layers_mb": sum(unique.values()) / MB,
+                         "shared_layers_mb": [unique[d] / MB for d in shared]})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     finally:
         registry.stop()
@@ -145,8 +150,9 @@ def main() -> None:
     if not shutil.which("docker-registry"):
         sys.exit("docker-registry not found: scripts/harness.sh engine-up installs it")
     subprocess.run(["bash", str(REPO / "scripts" / "harness.sh"), "engine-up"], check=True)
+    bases = ",".join(filter(None, (backends.get(n).demo.harness_base for n in GGUF_IMAGES)))
     subprocess.run(["bash", str(REPO / "scripts" / "harness.sh"), "bases"], check=True,
-                   env={**os.environ, "HARNESS_BASES": ",".join(filter(None, (backends.get(n).demo.harness_base for n in GGUF_IMAGES)))})  # fmt: skip
+                   env={**os.environ, "HARNESS_BASES": bases})  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     base, adapters = make_models(args.out, args.hidden, args.layers, args.ffn)
     docker = Docker.detect()
@@ -162,17 +168,21 @@ def main() -> None:
             rows += scenario(
                 "shared", base, adapters[:1], work, docker, backends=",".join(GGUF_IMAGES), lora_mode="merge"
             )
-    print(
-        f"\nbase {base.name}: {sum(f.stat().st_size for f in base.glob('*.safetensors')) / MB:.0f} MB bf16 safetensors"
-    )
-    print(
-        f"{'scenario':<8} {'fine-tune':>9} {'build s':>8} {'push s':>7} {'registry +MB':>13}  GGUFs in the image(s) (MB)"
-    )
+    report(base, rows)
+
+
+def report(base: Path, rows: list[dict]) -> None:
+    safetensors = sum(f.stat().st_size for f in base.glob("*.safetensors")) / MB
+    print(f"\nbase {base.name}: {safetensors:.0f} MB bf16 safetensors; QUANT q4_k_m; adapters r=16 all-linear")
+    print("registry +MB: what the registry's storage grew by; layers MB: the pushed images' distinct compressed")
+    print("layers; shared MB: those more than one image of the push references (the registry stores them once)")
+    print(f"{'scenario':<8} {'fine-tune':>9} {'build s':>8} {'push s':>7} {'registry +MB':>13} {'layers MB':>10}  "
+          f"{'shared MB':>9}  GGUFs in the image(s) (MB)")  # fmt: skip
     for r in rows:
         ggufs = ", ".join(f"{Path(k).name} {v:.1f}" for k, v in r["gguf_mb"].items())
-        print(
-            f"{r['scenario']:<8} {r['fine-tune']:>9} {r['build_s']:>8.0f} {r['push_s']:>7.0f} {r['registry_growth_mb']:>13.1f}  {ggufs}"
-        )
+        shared = ", ".join(f"{v:.1f}" for v in r["shared_layers_mb"]) or "-"
+        print(f"{r['scenario']:<8} {r['fine-tune']:>9} {r['build_s']:>8.0f} {r['push_s']:>7.0f} "
+              f"{r['registry_growth_mb']:>13.1f} {r['image_layers_mb']:>10.1f}  {shared:>9}  {ggufs}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from builder.spec import BuildSpec
 console = Console(stderr=True)
 
 
-def registry_digest(docker: Docker, ref: str) -> str:
-    """The manifest digest the registry serves for `ref`."""
+def _manifest(docker: Docker, ref: str) -> dict:
+    """`docker manifest inspect --verbose` of `ref`: its descriptor and manifest as the registry serves them."""
     # `docker manifest` needs DOCKER_CLI_EXPERIMENTAL on 20.x clients; --insecure allows a plain-HTTP registry.
     res = docker.run(
         "manifest", "inspect", "--insecure", "--verbose", ref, check=False, env={"DOCKER_CLI_EXPERIMENTAL": "enabled"}
@@ -31,8 +31,20 @@ def registry_digest(docker: Docker, ref: str) -> str:
     if res.returncode != 0:
         raise BuilderError(f"cannot read {ref} back from the registry: {res.stderr.strip()}")
     data = json.loads(res.stdout)
-    entry = data[0] if isinstance(data, list) else data
-    return entry["Descriptor"]["digest"]
+    return data[0] if isinstance(data, list) else data
+
+
+def registry_digest(docker: Docker, ref: str) -> str:
+    """The manifest digest the registry serves for `ref`."""
+    return _manifest(docker, ref)["Descriptor"]["digest"]
+
+
+def manifest_layers(docker: Docker, ref: str) -> dict[str, int]:
+    """{compressed layer digest: bytes} of `ref` in the registry: what a registry stores once per digest, however
+    many images (of any repository in it) share the layer."""
+    entry = _manifest(docker, ref)
+    manifest = entry.get("SchemaV2Manifest") or entry.get("OCIManifest") or {}
+    return {layer["digest"]: layer["size"] for layer in manifest.get("layers", [])}
 
 
 def push(spec: BuildSpec, docker: Docker | None = None) -> dict[str, str]:

@@ -10,7 +10,6 @@ client first on PATH has no buildx); use :data:`DOCKER` / :func:`docker_env` for
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -113,9 +112,11 @@ def registry_bytes() -> int:
 
 
 def manifest_layers(ref: str) -> dict[str, int]:
-    """{compressed layer digest: size} of an image's manifest as the registry serves it."""
-    res = docker("manifest", "inspect", "--insecure", ref, timeout=120, env={"DOCKER_CLI_EXPERIMENTAL": "enabled"})
-    return {layer["digest"]: layer["size"] for layer in json.loads(res.stdout)["layers"]}
+    """{compressed layer digest: size} of an image's manifest as the registry serves it (builder push's reader)."""
+    from builder.image.docker import Docker
+    from builder.image.push import manifest_layers as read
+
+    return read(Docker.detect(), ref)
 
 
 @pytest.fixture(scope="session")

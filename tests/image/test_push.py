@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from builder.errors import BuilderError
-from builder.image.push import push, pushed_file
+from builder.image.push import manifest_layers, push, pushed_file
 from builder.spec import BuildSpec
 
 DIGEST = "sha256:" + "a" * 64
@@ -30,7 +30,9 @@ class FakeDocker:
             return subprocess.CompletedProcess(args, 0, "", "")
         if args[:2] == ("manifest", "inspect"):
             assert env == {"DOCKER_CLI_EXPERIMENTAL": "enabled"}
-            return subprocess.CompletedProcess(args, 0, json.dumps({"Descriptor": {"digest": self.served}}), "")
+            layers = [{"digest": "sha256:" + "b" * 64, "size": 1234}, {"digest": "sha256:" + "c" * 64, "size": 32}]
+            manifest = {"Descriptor": {"digest": self.served}, "SchemaV2Manifest": {"layers": layers}}
+            return subprocess.CompletedProcess(args, 0, json.dumps(manifest), "")
         raise AssertionError(args)
 
     def push(self, ref):
@@ -79,3 +81,7 @@ def test_needs_a_registry_and_a_built_image():
         push(BuildSpec(), FakeDocker(local=()))
     with pytest.raises(BuilderError, match="make image first"):
         push(BuildSpec(registry="r.example"), FakeDocker(local=()))
+
+
+def test_manifest_layers_are_read_back_from_the_registry():
+    assert manifest_layers(FakeDocker(()), "r:5000/x:1") == {"sha256:" + "b" * 64: 1234, "sha256:" + "c" * 64: 32}
