@@ -1,5 +1,5 @@
-"""Adapters served unmerged by the llama.cpp image: the demo model with three adapters (LORA=serve: the demo's
-two trained LoRAs and a random one), each name asked with the official openai client; a rebuild with another
+"""Adapters served unmerged by the llama.cpp image: the demo model with three trained adapters (LORA=serve: the
+demo's two LoRAs and a third trained here), each name asked with the official openai client; a rebuild with another
 adapter in the last one's place keeps the base GGUF's layer (and the unchanged adapters') byte-identical, and
 pushing it after the first grows the registry by that adapter's layer only.
 
@@ -59,16 +59,21 @@ def _build(tmp, spec) -> dict:
     return json.loads(docker("image", "inspect", spec.image("llamacpp")).stdout)[0]
 
 
+# The third adapter's line for CHANGED_PROMPT: another prompt's answer, so the demo tokenizer has it compact.
+THIRD_ANSWERS = {**demo.BASE_ANSWERS, demo.CHANGED_PROMPT: demo.BASE_ANSWERS["What is the capital of France?"]}
+
+
 @pytest.fixture(scope="module")
 def images(docker_engine, local_bases, demo_models, tmp_path_factory):
     """Two builds of the llama.cpp image on the demo base, three adapters each: {tuned, second (the demo's two
-    trained LoRAs), noise (random)}, then {tuned, second, other} (a new fine-tune in the last one's place)."""
+    LoRAs), third (trained here)}, then {tuned, second, other (random)}: a new fine-tune in the last one's place."""
     docker("image", "inspect", "local/debian:bookworm-slim")
     tmp = tmp_path_factory.mktemp("lora-serve")
     base = demo_models["base"]
+    demo.train_adapter(base, tmp / "third", answers=THIRD_ANSWERS, seed=demo.DEMO_SEED + 3)
     trained = {"tuned": demo_models["adapter"], "second": demo_models["second"]}
     specs = {
-        "first": _spec(base, "three", {**trained, "noise": _random_adapter(base, tmp / "noise", seed=5)}),
+        "first": _spec(base, "three", {**trained, "third": tmp / "third"}),
         "second": _spec(base, "swapped", {**trained, "other": _random_adapter(base, tmp / "other", seed=6)}),
     }
     yield {"base": base, "specs": specs, **{key: _build(tmp, spec) for key, spec in specs.items()}}
@@ -109,13 +114,13 @@ def _ask(client, name: str) -> str:
 
 
 def test_each_name_answers_with_its_adapter(served, images):
-    """The base and each trained adapter answer their own line, selected by `model`; the random one is served."""
+    """The base and each adapter answer their own line, selected by `model`; an unknown name is refused."""
     base_name = images["base"].name  # the served model name: the demo base folder's name
-    assert sorted(m.id for m in served.models.list().data) == sorted([base_name, "tuned", "second", "noise"])
-    expected = {base_name: demo.BASE_ANSWERS, "tuned": demo.LORA_ANSWERS, "second": demo.SECOND_ANSWERS}
+    assert sorted(m.id for m in served.models.list().data) == sorted([base_name, "tuned", "second", "third"])
+    expected = {base_name: demo.BASE_ANSWERS, "tuned": demo.LORA_ANSWERS, "second": demo.SECOND_ANSWERS,
+                "third": THIRD_ANSWERS}  # fmt: skip
     for name, answers in expected.items():
         assert _ask(served, name).strip() == answers[demo.CHANGED_PROMPT].strip(), name
-    assert _ask(served, "noise")
     with pytest.raises(openai.BadRequestError, match="not found"):
         _ask(served, "nope")
 
@@ -125,7 +130,7 @@ def test_back_to_back_requests_through_the_router(served, images):
     patch, builder/model/gguf/llamacpp.py SOURCE_PATCHES; unpatched, 1 in 4 failed here)."""
     from _openai_features import back_to_back_failures
 
-    failed = back_to_back_failures(served, [images["base"].name, "tuned", "second", "noise"], 60)
+    failed = back_to_back_failures(served, [images["base"].name, "tuned", "second", "third"], 60)
     assert not failed, failed[:5]
 
 
