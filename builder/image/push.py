@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -57,11 +59,11 @@ def push(spec: BuildSpec, docker: Docker | None = None) -> dict[str, str]:
     pushed: dict[str, str] = {}
     for backend in BACKENDS:
         ref = spec.image(backend)
-        if docker.run("image", "inspect", ref, check=False).returncode != 0:
-            plain = local.image(backend)
-            if docker.run("image", "inspect", plain, check=False).returncode != 0:
-                continue
-            docker.run("tag", plain, ref)
+        newest = newest_image(docker, [local.image(backend), ref])
+        if newest is None:
+            continue
+        if newest != ref:
+            docker.run("tag", newest, ref)
         digest = docker.push(ref)
         served = registry_digest(docker, ref)
         if served != digest:
@@ -75,6 +77,20 @@ def push(spec: BuildSpec, docker: Docker | None = None) -> dict[str, str]:
             f"no built image to push (looked for {', '.join(local.image(b) for b in BACKENDS)}): run make image first"
         )
     return pushed
+
+
+def newest_image(docker: Docker, refs: list[str]) -> str | None:
+    """The most recently created of the local images `refs` (None: none exists). `make image` tags its build
+    without the registry, `make push` tags it for the registry: a registry tag left by an earlier push must not
+    shadow a newer build (it would push the old image)."""
+    created = {}
+    for ref in refs:
+        res = docker.run("image", "inspect", "--format", "{{.Created}}", ref, check=False)
+        if res.returncode == 0:
+            # RFC 3339 with up to 9 fraction digits; Python's parser takes 6
+            stamp = re.sub(r"(\.\d{6})\d*", r"\1", res.stdout.strip()).replace("Z", "+00:00")
+            created[ref] = datetime.fromisoformat(stamp)
+    return max(created, key=created.get) if created else None
 
 
 def pushed_file(spec: BuildSpec, workdir: Path = Path("build")) -> Path:

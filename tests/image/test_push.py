@@ -16,7 +16,9 @@ class FakeDocker:
     """Records calls; `local` images exist; pushes of `broken` fail; the registry serves `served`."""
 
     def __init__(self, local, broken=(), served=DIGEST):
-        self.local, self.broken, self.served, self.calls = set(local), set(broken), served, []
+        # local: image refs, or {ref: its creation time}
+        self.local = dict(local) if isinstance(local, dict) else dict.fromkeys(local, "2026-12-05T10:00:00.123456789Z")
+        self.broken, self.served, self.calls = set(broken), served, []
 
     def require_engine(self):
         pass
@@ -24,9 +26,10 @@ class FakeDocker:
     def run(self, *args, check=True, env=None):
         self.calls.append(args)
         if args[:2] == ("image", "inspect"):
-            return subprocess.CompletedProcess(args, 0 if args[2] in self.local else 1, "", "")
+            ref = args[-1]
+            return subprocess.CompletedProcess(args, 0 if ref in self.local else 1, self.local.get(ref, ""), "")
         if args[0] == "tag":
-            self.local.add(args[2])
+            self.local[args[2]] = self.local[args[1]]
             return subprocess.CompletedProcess(args, 0, "", "")
         if args[:2] == ("manifest", "inspect"):
             assert env == {"DOCKER_CLI_EXPERIMENTAL": "enabled"}
@@ -85,3 +88,16 @@ def test_needs_a_registry_and_a_built_image():
 
 def test_manifest_layers_are_read_back_from_the_registry():
     assert manifest_layers(FakeDocker(()), "r:5000/x:1") == {"sha256:" + "b" * 64: 1234, "sha256:" + "c" * 64: 32}
+
+
+def test_a_registry_tag_left_by_an_earlier_push_never_shadows_a_newer_build():
+    """`make image` then `make push`, twice: the second push must send the second build, not re-push the image
+    the first push tagged for the registry (seen in the e2e: an old Xinference image went out again)."""
+    old, new = "2026-12-05T10:00:00Z", "2026-12-05T11:30:00.5Z"
+    docker = FakeDocker(local={"llm-xinference:t": new, "r:5000/llm-xinference:t": old})
+    push(BuildSpec(registry="r:5000", tag="t"), docker)
+    assert ("tag", "llm-xinference:t", "r:5000/llm-xinference:t") in docker.calls
+    # built with REGISTRY set (tagged for the registry by the build), an older plain tag is not pushed over it
+    docker = FakeDocker(local={"llm-xinference:t": old, "r:5000/llm-xinference:t": new})
+    push(BuildSpec(registry="r:5000", tag="t"), docker)
+    assert not any(call[0] == "tag" for call in docker.calls)
