@@ -2,8 +2,8 @@
 fine-tune of the same base, merged (LORA=merge) vs served unmerged (LORA=serve), and the GGUF stored once
 when the llama.cpp and Xinference images both carry it. Prints figures, asserts nothing.
 
-A random Llama (default hidden 2048, 16 layers, FFN 5632: ~0.9B parameters, bf16) and two r=16 all-linear
-peft LoRAs, made once into --out. Each scenario pushes into a registry of its own (docker-registry on
+A random Llama (default hidden 2048, 16 layers, FFN 5632: 0.72B parameters with the small test vocabulary,
+bf16: 1448 MB) and two r=16 all-linear peft LoRAs, made once into --out. Each scenario pushes into a registry of its own (docker-registry on
 127.0.0.1:5055 with empty storage), so "first push" is what a new registry receives:
 
   merge    BACKEND=llamacpp LORA=merge QUANT=q4_k_m: fine-tune 1 built and pushed, then fine-tune 2 (same repository)
