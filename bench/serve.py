@@ -302,6 +302,29 @@ def build_lora_models(quant: str) -> dict[str, Path]:
     return files
 
 
+def alternating_rounds(args, one: dict, eight: dict) -> tuple[dict, dict, dict]:
+    """args.repeat rounds, each starting one further along the lists: `one` {label: (url, model)} asked by 1 client
+    (llama-server's decode tokens/s, and the request's), then `eight` {label: (url, models)} by 8 clients spread
+    over the models (aggregate tokens/s). Returns ({label: decode list}, {label: request list}, {label: aggregate list})."""
+    decode: dict[str, list[float]] = {name: [] for name in one}
+    e2e: dict[str, list[float]] = {name: [] for name in one}
+    agg: dict[str, list[float]] = {name: [] for name in eight}
+    for r in range(args.repeat):
+        print(f"round {r + 1}:", flush=True)
+        for name in list(one)[r % len(one) :] + list(one)[: r % len(one)]:
+            url, model = one[name]
+            n_tok, s = completion(url, args.tokens, model=model, decode=decode[name], ignore_eos=True)
+            e2e[name].append(n_tok / s)
+            print(f"  1 client  {name:<28} decode {decode[name][-1]:6.1f} tok/s, request {n_tok / s:6.1f} tok/s "
+                  f"({n_tok} tokens)", flush=True)  # fmt: skip
+        for name in list(eight)[r % len(eight) :] + list(eight)[: r % len(eight)]:
+            url, models = eight[name]
+            tps, _ = concurrent(url, 8, args.tokens, models=models, ignore_eos=True)
+            agg[name].append(tps)
+            print(f"  8 clients {name:<28} {tps:6.1f} tok/s", flush=True)
+    return decode, e2e, agg
+
+
 def lora_figures(args) -> None:
     from math import prod
 
@@ -340,28 +363,16 @@ def lora_figures(args) -> None:
         "router, ad1 only": ("router", ("ad1",)),
     }
     running: dict[str, Server] = {}
-    decode: dict[str, list[float]] = {name: [] for name in one}
-    e2e: dict[str, list[float]] = {name: [] for name in one}
-    agg: dict[str, list[float]] = {name: [] for name in eight}
     try:
         for k, (name, (kind, model, extra)) in enumerate(servers.items()):  # all up at once: idle ones sleep
             running[name] = Server(kind, model, args.port + k, args.threads, extra)
         for server, model in one.values():  # warm-up; the router's children load on startup, requests wait
             completion(running[server].url, 4, model=model)
-        for r in range(args.repeat):  # alternating, each round starting one further along
-            print(f"round {r + 1}:", flush=True)
-            for name in list(one)[r % len(one) :] + list(one)[: r % len(one)]:
-                server, model = one[name]
-                n_tok, s = completion(running[server].url, args.tokens, model=model, decode=decode[name],
-                                      ignore_eos=True)  # fmt: skip
-                e2e[name].append(n_tok / s)
-                print(f"  1 client  {name:<24} decode {decode[name][-1]:6.1f} tok/s, request {n_tok / s:6.1f} tok/s "
-                      f"({n_tok} tokens)", flush=True)  # fmt: skip
-            for name in list(eight)[r % len(eight) :] + list(eight)[: r % len(eight)]:
-                server, models = eight[name]
-                tps, _ = concurrent(running[server].url, 8, args.tokens, models=models, ignore_eos=True)
-                agg[name].append(tps)
-                print(f"  8 clients {name:<24} {tps:6.1f} tok/s", flush=True)
+        decode, e2e, agg = alternating_rounds(
+            args,
+            {name: (running[server].url, model) for name, (server, model) in one.items()},
+            {name: (running[server].url, models) for name, (server, models) in eight.items()},
+        )
     finally:
         for server in running.values():
             server.close()
@@ -398,8 +409,6 @@ def variant_figures(args) -> None:
           f"{args.threads}, -np 8, --kv-unified, -c 4096; {args.tokens} new tokens a request (ignore_eos), greedy")  # fmt: skip
     names = args.variants.split(",")
     running: dict[str, Server] = {}
-    decode: dict[str, list[float]] = {name: [] for name in names}
-    agg: dict[str, list[float]] = {name: [] for name in names}
     try:
         for k, name in enumerate(names):
             settings = dict(kv.split("=", 1) for kv in name.split("+") if kv != "default")
@@ -411,16 +420,9 @@ def variant_figures(args) -> None:
             running[name] = Server("router", preset, args.port + k, args.threads, extra, **env)
             for m in ADAPTERS:
                 completion(running[name].url, 4, model=m)
-        for r in range(args.repeat):
-            print(f"round {r + 1}:", flush=True)
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for name in order:
-                completion(running[name].url, args.tokens, model="ad1", decode=decode[name], ignore_eos=True)
-                print(f"  1 client  {name:<28} decode {decode[name][-1]:6.1f} tok/s", flush=True)
-            for name in order:
-                tps, _ = concurrent(running[name].url, 8, args.tokens, models=ADAPTERS, ignore_eos=True)
-                agg[name].append(tps)
-                print(f"  8 clients {name:<28} {tps:6.1f} tok/s", flush=True)
+        decode, _, agg = alternating_rounds(
+            args, {n: (running[n].url, "ad1") for n in names}, {n: (running[n].url, ADAPTERS) for n in names}
+        )
     finally:
         for server in running.values():
             server.close()
