@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from rich.console import Console
 from builder import backends
 from builder.errors import BuilderError
 from builder.image.docker import Docker
+from builder.runtime.smoke import free_port
 
 if TYPE_CHECKING:
     from builder.spec import BuildSpec
@@ -186,7 +186,7 @@ def ask_adapters(docker: Docker, spec: BuildSpec, env: dict[str, str]) -> bool:
         record = backends.get(image.backend)
         container = f"{spec.name}-{image.backend}"
         docker.run("rm", "-f", container, check=False)
-        port = _free_port()
+        port = free_port()
         docker.run("run", "-d", "--name", container, "-p", f"127.0.0.1:{port}:{record.port}",
                    "-e", record.api_key_var, image.image, env={record.api_key_var: key})  # fmt: skip
         try:
@@ -196,12 +196,6 @@ def ask_adapters(docker: Docker, spec: BuildSpec, env: dict[str, str]) -> bool:
         finally:
             docker.run("rm", "-f", container, check=False)
     return ok
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_loaded(docker: Docker, container: str, url: str, names: list[str], api_key: str) -> None:

@@ -14,12 +14,20 @@ behaviour is checked, nothing specific to `builder serve`:
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a local server this process starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class SmokeError(RuntimeError):

@@ -9,7 +9,6 @@ its timings give the decode speed. One server per model, on a free loopback port
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,7 @@ from builder.errors import BuilderError
 from builder.model.gguf.convert import peak_rss_mb
 from builder.model.quality.prompts import EvalPrompt
 from builder.model.quality.tools import Cost, Served, binary, threads
+from builder.runtime.smoke import free_port
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,6 @@ class EvalRun:
     cost: Cost = field(default_factory=Cost)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict, timeout: float = 300) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -56,7 +50,7 @@ def _post(url: str, body: dict, timeout: float = 300) -> dict:
 @contextmanager
 def server(model: Served, ctx: int = 4096, start_timeout: float = 300) -> Iterator[tuple[str, subprocess.Popen]]:
     """A llama-server on `model` (one slot, greedy-safe); yields its URL and process once /health is 200."""
-    port = _free_port()
+    port = free_port()
     cmd = [str(binary("llama-server")), *model.args(), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["-np", "1", "-c", str(ctx), "-t", str(threads()), "--no-webui", "--no-warmup"]
     with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as log:
