@@ -61,8 +61,10 @@ def _get(url: str, key: str | None = KEY) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+def _post(url: str, body: dict | bytes | None) -> tuple[int, dict]:
+    """POST `body` (a dict as JSON, or any bytes: the openai client only sends valid JSON) with the key."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(url, data=data, method="POST",
                                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -177,17 +179,6 @@ def test_model_management_cannot_reach_outside_the_preset(router):
 # ---- hostile clients: what a client can send through the router, and what it must not be able to stall ----------
 
 
-def _raw(url: str, body: bytes | None, path: str = "/v1/chat/completions", timeout: float = 60) -> tuple[int, dict]:
-    """A POST with any bytes as its body (the openai client only sends valid JSON)."""
-    req = urllib.request.Request(url + path, data=body, method="POST",
-                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
 @pytest.mark.slow
 def test_malformed_and_oversized_bodies_get_openai_shaped_errors(router):
     """Each refused with an OpenAI-shaped error body, none reaches a crash; an unparsable body is 500 (llama-server
@@ -203,11 +194,10 @@ def test_malformed_and_oversized_bodies_get_openai_shaped_errors(router):
         (json.dumps({"model": "alpha", "messages": "x"}).encode(), 400, "messages"),
     ]
     for body, status, message in cases:
-        code, err = _raw(url, body)
+        code, err = _post(url + "/v1/chat/completions", body)
         assert (code, err["error"]["code"]) == (status, status) and message in err["error"]["message"], (body, err)
     start = time.monotonic()
-    code, err = _raw(url, json.dumps({"model": "alpha", "prompt": "hello " * 2_000_000, "max_tokens": 2}).encode(),
-                     path="/v1/completions")  # fmt: skip
+    code, err = _post(url + "/v1/completions", {"model": "alpha", "prompt": "hello " * 2_000_000, "max_tokens": 2})
     assert code == 400 and err["error"]["type"] == "exceed_context_size_error", err
     assert time.monotonic() - start < 30
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
