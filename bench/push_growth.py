@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,14 +84,11 @@ class Registry:
         )
         self.proc = subprocess.Popen(["docker-registry", "serve", str(config)], stderr=subprocess.DEVNULL)
         for _ in range(60):
-            if (
-                subprocess.run(
-                    ["curl", "-fsS", "-m", "2", f"http://127.0.0.1:{PORT}/v2/"], capture_output=True
-                ).returncode
-                == 0
-            ):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{PORT}/v2/", timeout=2).close()
                 return
-            time.sleep(0.5)
+            except OSError:
+                time.sleep(0.5)
         raise RuntimeError("docker-registry did not answer")
 
     def bytes(self) -> int:
