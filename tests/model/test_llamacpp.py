@@ -54,12 +54,12 @@ def test_llamacpp_runs_standalone_from_what_the_source_stage_copies(tmp_path):
 
 
 def test_source_patches_apply_once_and_stamp_the_copy(tmp_path):
-    name, text, replacement, _why = llamacpp.SOURCE_PATCHES[0]
-    path = tmp_path / name
-    path.parent.mkdir(parents=True)
-    path.write_text(f"before\n{text}\nafter\n")
+    for name, text, _replacement, _why in llamacpp.SOURCE_PATCHES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"before\n{text}\nafter\n")
     llamacpp.apply_patches(tmp_path)
-    assert path.read_text() == f"before\n{replacement}\nafter\n"
+    for name, _text, replacement, _why in llamacpp.SOURCE_PATCHES:
+        assert (tmp_path / name).read_text() == f"before\n{replacement}\nafter\n"
     assert (tmp_path / llamacpp.PATCH_STAMP).read_text() == llamacpp.PATCHES_DIGEST
     with pytest.raises(RuntimeError, match="occurs 0 times, not once"):  # a pin whose source moved on says so
         llamacpp.apply_patches(tmp_path)

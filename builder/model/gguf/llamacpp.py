@@ -46,6 +46,15 @@ SOURCE_PATCHES = (
         "openai one) then gets no `Connection: close`, yet the router closes the socket after the response, so "
         "the next request on it fails with 'Server disconnected' (1 in 4 back to back, through Docker's port)",
     ),
+    (
+        "vendor/cpp-httplib/httplib.cpp",
+        "    if (idle_thread_count_ == 0 &&",
+        "    if (idle_thread_count_ < jobs_.size() &&",
+        "the HTTP thread pool adds a thread only when no thread is idle, but a thread notified of a job counts as "
+        "idle until it wakes: a burst of connections is queued behind the few idle threads, and if those are held "
+        "by clients that send half a request (read timeout 600 s), the next client waits that long (64 stalled "
+        "connections blocked the router in 3 of 3 runs on an idle host)",
+    ),
 )
 PATCHES_DIGEST = hashlib.sha256(repr(SOURCE_PATCHES).encode()).hexdigest()[:12]
 PATCH_STAMP = ".builder-patches"
