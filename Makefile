@@ -1,6 +1,6 @@
 # One command per job. Variables (all optional; unset ones fall back to SPEC's YAML, then defaults):
 #   MODEL=<folder|hub id>  ADAPTER=<lora folder | run folder | name=path,...>  LORA=auto|merge|serve
-#   BACKEND=auto|<comma list of backends>
+#   BACKEND=auto|<comma list of backends>  DEVICE=auto|cpu|cuda (auto: vLLM on CUDA, the others on CPU)
 #   QUANT=<type> (default: GGUF q4_k_m, GGML q8_0)  TAG=latest  REGISTRY=<host[:port]/ns>  NAME=llm  SPEC=<build.yaml>
 #   CA_BUNDLE=<pem>  WHEELHOUSE=<dir of wheels>
 SHELL := /bin/bash
@@ -16,7 +16,7 @@ HARNESS := scripts/harness.sh
 # the matching flag (builder/cli.py). A value is never pasted into a shell command line, and
 # $(value ...) hands it over unexpanded: spaces, quotes, `;`, `$(...)` and backticks arrive as
 # typed, and the spec then accepts or refuses them.
-SPEC_VARS := SPEC MODEL ADAPTER LORA BACKEND QUANT TAG REGISTRY NAME CA_BUNDLE WHEELHOUSE \
+SPEC_VARS := SPEC MODEL ADAPTER LORA BACKEND QUANT DEVICE TAG REGISTRY NAME CA_BUNDLE WHEELHOUSE \
 	QUALITY QUALITY_MIN_TOP1 EVAL QUANTS CALIBRATION
 $(foreach v,$(SPEC_VARS),$(eval export BUILDER_$(v) := $$(value $(v))))
 # ...and the variables themselves stay out of recipe environments, where Make would expand them.

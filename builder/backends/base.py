@@ -89,8 +89,10 @@ class Backend:
     check_explicit: bool = True  # also refuse an explicit BACKEND= choice when `check` says no
     quants: tuple[str, ...] = ()  # QUANT types of its own format; () = it serves the merged weights as they are
     default_quant: Optional[str] = None  # its format's type when QUANT is unset (GGUF images: the GGUF default)
-    cuda_base: Optional[str] = None  # runtime base of its CUDA variant (spec.cuda), if it has one
-    gpu: bool = False  # needs an NVIDIA GPU to serve
+    cuda_base: Optional[str] = None  # runtime base of its CUDA variant (device: cuda), if it has one
+    gpu: bool = False  # its default variant needs an NVIDIA GPU to serve (device: auto builds that one)
+    cpu_base: Optional[str] = None  # runtime base of its CPU variant (device: cpu), for a backend whose default is GPU
+    cpu_shm_size: Optional[str] = None  # /dev/shm its CPU variant needs (compose shm_size, a k8s memory emptyDir)
     cache_volume: Optional[str] = None  # container path that compose backs with a named volume
     passthrough_env: tuple[str, ...] = ()  # host/.env variables compose hands to the container as they are
     tunables: tuple[tuple[str, str], ...] = ()  # (container variable, default): image ENV, overridable via .env
@@ -173,8 +175,30 @@ class Backend:
             return DEFAULT_QUANT
         return self.default_quant
 
+    def device_for(self, spec: BuildSpec) -> str:
+        """The variant this build makes, `cpu` or `cuda`: spec.device where it has that variant, `auto` its
+        default (CUDA for a GPU backend, else CPU); `cuda` keeps a CPU-only backend on CPU. A GPU backend
+        with no CPU variant cannot be built for `cpu` (the error says so)."""
+        if spec.device == "cpu":
+            if self.gpu and not self.cpu_base:
+                from builder.errors import BuilderError
+
+                raise BuilderError(f"{self.title} has no CPU variant: drop DEVICE=cpu or BACKEND={self.name}")
+            return "cpu"
+        if spec.device == "cuda":
+            return "cuda" if (self.gpu or self.cuda_base) else "cpu"
+        return "cuda" if self.gpu else "cpu"
+
     def uses_cuda(self, spec: BuildSpec) -> bool:
-        return self.gpu or (spec.cuda and self.cuda_base is not None)
+        return self.device_for(spec) == "cuda"
+
+    def kv_cache_gib(self, spec: BuildSpec) -> int:
+        """GiB of host memory its server reserves for the KV cache at start (a CPU engine's; 0: none fixed)."""
+        return 0
+
+    def cpu_variant_of_gpu(self, spec: BuildSpec) -> bool:
+        """This build is the CPU variant of a backend whose default is GPU (vLLM on CPU)."""
+        return self.gpu and self.device_for(spec) == "cpu"
 
     def startup_period(self) -> str:
         """How long the first start may take (model load, compile) before Kubernetes restarts it."""

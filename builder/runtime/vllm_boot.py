@@ -257,15 +257,52 @@ def base_name(served_name: str, adapters: list[str]) -> str:
 
 def lora_argv(env: dict[str, str], modules: list[tuple[str, str]]) -> list[str]:
     """--enable-lora and its settings: every adapter loaded at start, as many in one batch as there are
-    ($LLM_MAX_LORAS), the smallest allowed --max-lora-rank that holds $LLM_MAX_LORA_RANK."""
+    ($LLM_MAX_LORAS), the smallest allowed --max-lora-rank that holds $LLM_MAX_LORA_RANK.
+
+    On CPU vLLM gets at least one slot more than there are adapters: its CPU LoRA kernels look up "no
+    adapter" (index -1) as the *last* slot, so with every slot taken a base-model request batched with
+    adapter requests is served with the last adapter applied. A spare slot stays empty (zero weights)."""
     argv = ["--enable-lora", "--lora-modules", *(f"{name}={path}" for name, path in modules)]
     max_loras = env.get("LLM_MAX_LORAS", "").strip() or str(len(modules))
+    if on_cpu(env) and max_loras.isdigit() and int(max_loras) <= len(modules):
+        max_loras = str(len(modules) + 1)
     argv += ["--max-loras", max_loras]
     rank = env.get("LLM_MAX_LORA_RANK", "").strip()
     if rank:
         allowed = max_lora_rank(int(rank)) if rank.isdigit() else None
         argv += ["--max-lora-rank", str(allowed or rank)]  # above 512: vLLM's own error says so
     return argv
+
+
+def on_cpu(env: dict[str, str]) -> bool:
+    """The image is vLLM's CPU variant ($LLM_DEVICE, set by the image)."""
+    return env.get("LLM_DEVICE", "").strip().lower() == "cpu"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags (x86 `flags`, Arm `Features`), empty when unreadable."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def dtype_argv(env: dict[str, str], flags: set[str] | None = None) -> list[str]:
+    """--dtype from $LLM_DTYPE; `auto` (or unset) is vLLM's own choice, except on CPU: without avx512_bf16
+    (x86) or bf16 (Arm), 16-bit weights are converted on every matmul and run slower than float32."""
+    dtype = env.get("LLM_DTYPE", "").strip().lower() or "auto"
+    if dtype != "auto":
+        return ["--dtype", dtype]
+    if on_cpu(env):
+        flags = cpu_flags() if flags is None else flags
+        if not flags & {"avx512_bf16", "bf16"}:
+            return ["--dtype", "float32"]
+    return []
 
 
 def serve_argv(env: dict[str, str]) -> list[str]:
@@ -291,6 +328,7 @@ def serve_argv(env: dict[str, str]) -> list[str]:
         argv += ["--max-model-len", max_model_len]
     if truthy(env.get("LLM_TRUST_REMOTE_CODE")):
         argv.append("--trust-remote-code")
+    argv += dtype_argv(env)
     if modules:
         argv += lora_argv(env, modules)
     # The API key reaches vLLM as $VLLM_API_KEY (compose hands it API_KEY), never on the command line.
