@@ -274,7 +274,7 @@ def test_the_merged_build_answers_the_adapters_line(images):
     container = f"{PROJECT}-merged"
     docker("rm", "-f", container, check=False)
     docker("run", "-d", "--name", container, "--shm-size", "512m", "--read-only", "--tmpfs", "/tmp",
-           "--tmpfs", "/home/app/.cache:exec,mode=1777",
+           "-v", "/home/app/.cache",
            "--cap-drop", "ALL", "-e", f"VLLM_API_KEY={API_KEY}", "-e", f"VLLM_CPU_KVCACHE_SPACE={KV_CACHE_GIB}",
            "-p", f"127.0.0.1:{MERGED_PORT}:8000", image)  # fmt: skip
     try:
@@ -292,4 +292,4 @@ def test_the_merged_build_answers_the_adapters_line(images):
         for prompt in demo.DEMO_PROMPTS:
             assert _ask(client, names[0], prompt).strip() == demo.LORA_ANSWERS[prompt].strip(), prompt
     finally:
-        docker("rm", "-f", container, check=False)
+        docker("rm", "-f", "-v", container, check=False)
