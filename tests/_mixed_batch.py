@@ -35,14 +35,17 @@ class MixedResult:
 
 
 def leaked_from(name: str, prompt: str, answer: str, solo: dict[str, dict[str, str]]) -> str | None:
-    """The other name whose learned answer `answer` carries, or None."""
+    """The other name whose learned answer `answer` carries (its very answer first, else the one it starts
+    most like, if more like it than like its own), or None."""
     own = solo[name][prompt]
-    for other, answers in solo.items():
-        theirs = answers[prompt]
-        if other == name or theirs == own:
-            continue  # only what the other name answers differently can be told apart
-        if answer == theirs or _common_prefix(answer, theirs) > _common_prefix(answer, own):
+    # only what another name answers differently can be told apart
+    others = {other: answers[prompt] for other, answers in solo.items() if other != name and answers[prompt] != own}
+    for other, theirs in others.items():
+        if answer == theirs:
             return other
+    best = max(others, key=lambda other: _common_prefix(answer, others[other]), default=None)
+    if best is not None and _common_prefix(answer, others[best]) > _common_prefix(answer, own):
+        return best
     return None
 
 

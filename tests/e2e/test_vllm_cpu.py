@@ -268,28 +268,81 @@ def test_greedy_ids_at_float32_are_transformers_and_peft_unmerged(served, images
         assert _vllm_ids(served["client"], "tuned", ids, 12) == _reference_ids(tuned, ids, 12), ids
 
 
+def _run_image(image: str, container: str, port: int) -> openai.OpenAI:
+    """`docker run` the image as compose would (read-only root, a writable ~/.cache, no capabilities); the client
+    once /v1/models answers."""
+    docker("rm", "-f", "-v", container, check=False)
+    docker("run", "-d", "--name", container, "--shm-size", "512m", "--read-only", "--tmpfs", "/tmp",
+           "-v", "/home/app/.cache", "--cap-drop", "ALL", "-e", f"VLLM_API_KEY={API_KEY}",
+           "-e", f"VLLM_CPU_KVCACHE_SPACE={KV_CACHE_GIB}", "-p", f"127.0.0.1:{port}:8000", image)  # fmt: skip
+    client = _client(port)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            client.models.list()
+            return client
+        except openai.APIError:
+            if time.monotonic() > deadline:
+                pytest.fail(docker("logs", container, check=False).stderr[-4000:], pytrace=False)
+            time.sleep(2)
+
+
 def test_the_merged_build_answers_the_adapters_line(images):
     """One adapter merged into the weights (LORA=merge): the image serves one name, the fine-tune's answers."""
-    image = images["specs"]["merged"].image("vllm")
     container = f"{PROJECT}-merged"
-    docker("rm", "-f", container, check=False)
-    docker("run", "-d", "--name", container, "--shm-size", "512m", "--read-only", "--tmpfs", "/tmp",
-           "-v", "/home/app/.cache",
-           "--cap-drop", "ALL", "-e", f"VLLM_API_KEY={API_KEY}", "-e", f"VLLM_CPU_KVCACHE_SPACE={KV_CACHE_GIB}",
-           "-p", f"127.0.0.1:{MERGED_PORT}:8000", image)  # fmt: skip
     try:
-        client = _client(MERGED_PORT)
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                names = [m.id for m in client.models.list().data]
-                break
-            except openai.APIError:
-                if time.monotonic() > deadline:
-                    pytest.fail(docker("logs", container, check=False).stderr[-4000:], pytrace=False)
-                time.sleep(2)
+        client = _run_image(images["specs"]["merged"].image("vllm"), container, MERGED_PORT)
+        names = [m.id for m in client.models.list().data]
         assert names == [images["base"].name], names
         for prompt in demo.DEMO_PROMPTS:
             assert _ask(client, names[0], prompt).strip() == demo.LORA_ANSWERS[prompt].strip(), prompt
     finally:
         docker("rm", "-f", "-v", container, check=False)
+
+
+def _tiny_llama(root, tokenizer_dir):
+    """A random Llama (head_dim 64: vLLM's CPU attention wants >= 32) with the demo tokenizer, and a random peft
+    LoRA on every linear layer. initializer_range 0.2 makes greedy choices clear, not near-ties."""
+    import shutil
+
+    from _tiny_hf import make_adapter
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=614, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.2, eos_token_id=600, pad_token_id=600, bos_token_id=None)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tokenizer_dir / name, root / "base" / name)
+    base = LlamaForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
+    make_adapter(base, root / "lora", r=8, lora_alpha=16, target_modules="all-linear", base_path="tiny-llama")
+    return root / "base", root / "lora"
+
+
+def test_greedy_ids_of_a_tiny_llama_are_transformers_and_peft_unmerged(images):
+    """The same check on a Llama through its own CPU image: one adapter served unmerged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir, lora_dir = _tiny_llama(images["tmp"] / "llama", images["base"])
+    spec = _spec(base_dir, "llama", name=f"{NAME}-llama", adapters={"tuned": lora_dir}, lora_mode="serve")
+    build(spec, workdir=images["tmp"] / "llama-build", env_file=images["tmp"] / "llama.env")
+    container = f"{PROJECT}-llama"
+    try:
+        client = _run_image(spec.image("vllm"), container, MERGED_PORT)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                          lora_dir).eval()  # fmt: skip
+        generator = torch.Generator().manual_seed(1)
+        differ = 0
+        for _ in range(4):
+            ids = torch.randint(0, 600, (8,), generator=generator).tolist()
+            base_ids, tuned_ids = _reference_ids(base, ids, 12), _reference_ids(tuned, ids, 12)
+            assert _vllm_ids(client, spec.served_model_name, ids, 12) == base_ids, ids
+            assert _vllm_ids(client, "tuned", ids, 12) == tuned_ids, ids
+            differ += base_ids != tuned_ids
+        assert differ, "the adapter changes no answer: the check cannot tell it from the base"
+    finally:
+        docker("rm", "-f", "-v", container, check=False)
+        docker("rmi", "-f", spec.image("vllm"), check=False)
