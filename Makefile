@@ -22,7 +22,7 @@ $(foreach v,$(SPEC_VARS),$(eval export BUILDER_$(v) := $$(value $(v))))
 # ...and the variables themselves stay out of recipe environments, where Make would expand them.
 unexport $(SPEC_VARS)
 
-.PHONY: help venv test test-quality quality e2e spec image push up down smoke demo render k8s cluster-up cluster-down lint fmt clean wheelhouse llamacpp
+.PHONY: help venv test test-quality quality e2e spec image push up down smoke demo demo-vllm-cpu render k8s cluster-up cluster-down lint fmt clean wheelhouse llamacpp
 
 include mk/xinference.mk mk/xllamacpp.mk mk/vllm.mk
 
@@ -96,6 +96,9 @@ smoke: venv ## OpenAI API checks against every service that is up
 
 demo: venv wheelhouse ## build the embedded demo model, serve it, ask it the LoRA's question
 	$(BUILDER) demo
+
+demo-vllm-cpu: venv ## the demo's LoRAs served unmerged by vLLM on CPU (builds a 4 GB base first)
+	$(BUILDER) demo-vllm-cpu
 
 lint: venv ## ruff (format + lint), hadolint the Dockerfiles (compose.yaml is validated by make test)
 	$(VENV)/bin/ruff format --check .

