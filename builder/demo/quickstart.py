@@ -99,32 +99,35 @@ def demo_spec_flags(models: Path) -> dict:
     return flags
 
 
+def _served_adapters(models: Path) -> dict[str, str]:
+    """{served name: LoRA folder} of the demo's two LoRAs (builder.demo.model.ADAPTERS, in order)."""
+    from builder.demo import model as demo
+
+    return {served: str(models / folder) for served, (folder, _, _) in zip(SERVED_ADAPTERS, demo.ADAPTERS, strict=True)}
+
+
 def adapters_spec_flags(flags: dict, models: Path) -> dict:
     """Step 5's spec from the first one's flags (`demo_spec_flags`: same bases, quant and options): the demo
     backends that serve adapters unmerged, both LoRAs named over the one base."""
-    from builder.demo import model as demo
-
     serving = [name for name in backends.DEMO if backends.get(name).serves_adapters]
-    adapters = {
-        served: str(models / folder) for served, (folder, _, _) in zip(SERVED_ADAPTERS, demo.ADAPTERS, strict=True)
-    }
     rest = {k: v for k, v in flags.items() if k != "adapter"}
-    return {**rest, "adapters": adapters, "lora_mode": "serve", "backends": ",".join(serving), "name": ADAPTERS_NAME}
+    return {
+        **rest,
+        "adapters": _served_adapters(models),
+        "lora_mode": "serve",
+        "backends": ",".join(serving),
+        "name": ADAPTERS_NAME,
+    }
 
 
 def vllm_cpu_spec_flags(models: Path) -> dict:
     """Spec for `make demo-vllm-cpu`: both LoRAs served unmerged on vLLM's CPU variant, float32 (exact on every
     CPU), a 1 GiB KV cache; the local stand-in base (scripts/bases/vllm-cpu.Dockerfile) where the harness can
     build it, else upstream's CPU image."""
-    from builder.demo import model as demo
-
-    adapters = {
-        served: str(models / folder) for served, (folder, _, _) in zip(SERVED_ADAPTERS, demo.ADAPTERS, strict=True)
-    }
     gpu_first = [name for name in backends.NAMES if backends.get(name).cpu_base]  # vLLM: a CPU variant of a GPU image
-    flags: dict = {"model": str(models / "base"), "adapters": adapters, "lora_mode": "serve",
-                   "backends": ",".join(gpu_first), "device": "cpu", "vllm_dtype": "float32", "vllm_cpu_kvcache_space": 1, "quality": "off",
-                   "name": "demo-vllm-cpu"}  # fmt: skip
+    flags: dict = {"model": str(models / "base"), "adapters": _served_adapters(models), "lora_mode": "serve",
+                   "backends": ",".join(gpu_first), "device": "cpu", "vllm_dtype": "float32",
+                   "vllm_cpu_kvcache_space": 1, "quality": "off", "name": "demo-vllm-cpu"}  # fmt: skip
     if _can_run_harness():
         subprocess.run(["bash", str(HARNESS), "bases"], check=True, env={**os.environ, "HARNESS_BASES": "vllm-cpu"})
         flags.update(base_images__build=BUILD_BASE_LOCAL, base_images__vllm_cpu="local/vllm-cpu:latest")
