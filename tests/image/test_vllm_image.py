@@ -1,4 +1,4 @@
-"""Issue 21 (vLLM's first GPU run), asserted from the rendered Dockerfile.vllm, compose.yaml, k8s
+"""What vLLM's GPU run needs, asserted from the rendered Dockerfile.vllm, compose.yaml, k8s
 manifests and README, without a GPU or Docker. The architecture check's decisions are in
 tests/runtime/test_vllm_boot.py, and against the real pinned vLLM in tests/e2e/test_vllm.py.
 """
