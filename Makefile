@@ -97,17 +97,18 @@ smoke: venv ## OpenAI API checks against every service that is up
 demo: venv wheelhouse ## build the embedded demo model, serve it, ask it the LoRA's question
 	$(BUILDER) demo
 
-lint: venv ## ruff (format + lint), hadolint the Dockerfiles, generated docs fresh (compose.yaml: make test)
+lint: venv ## ruff (format + lint), hadolint the Dockerfiles, generated docs fresh, the docs site in strict mode (compose.yaml: make test)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/hadolint Dockerfile.*
 	$(VENV)/bin/python -m builder.reference --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
 # The reference pages (docs/reference/, README's backend table) are generated from the code, then the
 # site is built into site/ (open site/index.html).
 docs: venv ## regenerate docs/reference/ from the code and build the docs site into site/
 	$(VENV)/bin/python -m builder.reference
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 fmt: venv ## ruff: format the tree and apply safe fixes
 	$(VENV)/bin/ruff format .
