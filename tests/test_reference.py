@@ -81,3 +81,50 @@ def test_openai_table_lists_the_probed_features_and_the_records_gaps():
     for feature, row in zip(backends.OPENAI_FEATURES, rows, strict=True):
         assert row[column] == ("no" if feature in gaps else "yes"), feature
     assert all(row[head.index("llama.cpp")] == "yes" for row in rows)
+
+
+# ---- the README and the site around the generated pages ---------------------------------------------------
+
+README_MAX_LINES = 150
+
+
+def _links(markdown: str) -> list[str]:
+    return [target for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", markdown) if "://" not in target]
+
+
+def test_readme_is_short_and_leads_to_the_two_commands_and_the_docs():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= README_MAX_LINES, "the README is the way in: move detail to docs/"
+    for must in ("make demo", "make test", "make image", "docker compose up", "from openai import OpenAI"):
+        assert must in readme, must
+    links = _links(readme)
+    assert "docs/getting-started.md" in links
+    missing = [target for target in links if not (ROOT / target).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"
+
+
+def _nav_pages(nav) -> list[str]:
+    pages = []
+    for entry in nav:
+        value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+        pages += _nav_pages(value) if isinstance(value, list) else [value]
+    return pages
+
+
+def test_the_site_navigation_holds_every_page_once():
+    import yaml
+
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    nav = _nav_pages(config["nav"])
+    pages = sorted(str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md"))
+    assert sorted(nav) == pages, "add the page to mkdocs.yml's nav (or remove it from the nav)"
+    assert config["strict"] is True and set(config["validation"].values()) == {"warn"}
+
+
+def test_the_site_builds_in_strict_mode(tmp_path):
+    from mkdocs.commands.build import build
+    from mkdocs.config import load_config
+
+    config = load_config(str(ROOT / "mkdocs.yml"), site_dir=str(tmp_path / "site"), strict=True)
+    build(config)  # a broken link or anchor, or a page left out of the nav, raises under strict
+    assert (tmp_path / "site" / "security" / "index.html").is_file()
