@@ -213,7 +213,7 @@ def openai_features_page() -> str:
         "What each backend's pinned server answers, as the tests measure it with the official `openai` Python "
         "client (`tests/_openai_features.py`: chat, streaming, a `stop` string, `max_tokens` ending with "
         '`finish_reason: "length"`, `/v1/completions`, `usage`). The tests assert exactly these gaps, so a '
-        "fixed or new gap fails them. *not measured*: no test here runs that server with the client (vLLM "
+        "fixed or new gap fails them. *not measured*: no test in the suite runs that server with the client (vLLM "
         "needs a GPU; `scripts/vllm-gpu-check.sh` probes it on one).\n\n" + _table(head, rows)
     )
 
