@@ -22,7 +22,7 @@ $(foreach v,$(SPEC_VARS),$(eval export BUILDER_$(v) := $$(value $(v))))
 # ...and the variables themselves stay out of recipe environments, where Make would expand them.
 unexport $(SPEC_VARS)
 
-.PHONY: help venv test test-quality quality e2e spec image push up down smoke demo demo-vllm-cpu render k8s cluster-up cluster-down lint fmt clean wheelhouse llamacpp
+.PHONY: help venv test test-quality quality e2e spec image push up down smoke demo demo-vllm-cpu render k8s cluster-up cluster-down lint fmt clean wheelhouse llamacpp docs
 
 include mk/xinference.mk mk/xllamacpp.mk mk/vllm.mk
 
@@ -100,14 +100,22 @@ demo: venv wheelhouse ## build the embedded demo model, serve it, ask it the LoR
 demo-vllm-cpu: venv ## the demo's LoRAs served unmerged by vLLM on CPU (builds a 4 GB base first)
 	$(BUILDER) demo-vllm-cpu
 
-lint: venv ## ruff (format + lint), hadolint the Dockerfiles (compose.yaml is validated by make test)
+lint: venv ## ruff (format + lint), hadolint the Dockerfiles, generated docs fresh, the docs site in strict mode (compose.yaml: make test)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/hadolint Dockerfile.*
+	$(VENV)/bin/python -m builder.reference --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
+# The reference pages (docs/reference/, README's backend table) are generated from the code, then the
+# site is built into site/ (open site/index.html).
+docs: venv ## regenerate docs/reference/ from the code and build the docs site into site/
+	$(VENV)/bin/python -m builder.reference
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 fmt: venv ## ruff: format the tree and apply safe fixes
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
 clean: ## remove build outputs (not .venv)
-	rm -rf build .pytest_cache
+	rm -rf build .pytest_cache site

@@ -9,6 +9,7 @@ reads as the value of the matching flag: a value is never pasted into a shell co
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -22,7 +23,8 @@ PathArg = click.Path(path_type=Path)
 
 
 class _Group(click.Group):
-    """Maps BuilderError, raised anywhere below, to its message and exit status, in one place."""
+    """Maps BuilderError, raised anywhere below, to its message and exit status, in one place (and a full
+    disk, which a user fixes too, to what to do about it)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -30,6 +32,14 @@ class _Group(click.Group):
         except BuilderError as e:
             error = click.ClickException(str(e))
             error.exit_code = e.exit_code
+            raise error from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            from builder.image.hints import disk_hint
+
+            error = click.ClickException(f"{e}\nwhat to do: {disk_hint()}")
+            error.exit_code = BuilderError.exit_code
             raise error from None
 
 

@@ -165,7 +165,7 @@ cmd_engine_up() {
       log "engine: dockerd PID $(cat "$STATE/dockerd.pid") running but not answering yet"
     else
       log "engine: starting dockerd (log: $STATE/dockerd.log)"
-      # setsid: own session, so it outlives this script and the pytest process.
+      # setsid: detached from this script's process group, so it outlives this script and the pytest process.
       # shellcheck disable=SC2086
       # 3>&- ... 9>&-: a caller's open descriptors (`flock LOCK make e2e` holds its lock on fd 3) must
       # not live on in the daemon, or the lock is never released.

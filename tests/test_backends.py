@@ -91,7 +91,7 @@ def test_build_args_name_the_record_base_arg():
 
 
 def test_unset_quant_takes_each_format_default():
-    """GGUF q4_k_m, chatglm.cpp's GGML q8_0 (measured, docs/quality-notes.md); merged-weight images none; QUANT wins."""
+    """GGUF q4_k_m, chatglm.cpp's GGML q8_0 (measured, docs/quality.md); merged-weight images none; QUANT wins."""
     spec = BuildSpec(model="org/x")
     expected = {"llamacpp": "q4_k_m", "xinference": "q4_k_m", "chatglmcpp": "q8_0", "vllm": None}
     assert {name: backends.get(name).quant_for(spec) for name in expected} == expected

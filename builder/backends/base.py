@@ -16,6 +16,16 @@ if TYPE_CHECKING:
     from builder.spec import BuildSpec
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "image" / "templates"
+# The OpenAI API features the tests probe with the official `openai` client (tests/_openai_features.py),
+# and how the reference page names them.
+OPENAI_FEATURES = {
+    "chat": "chat",
+    "chat_stream": "chat, streaming",
+    "stop": "`stop` strings",
+    "max_tokens_length": '`max_tokens` → `finish_reason: "length"`',
+    "completions": "`/v1/completions`",
+    "usage": "`usage` counts",
+}
 REMOTE_CODE = "the model needs remote code (auto_map in config.json): pass --trust-remote-code if you trust it"
 
 
@@ -105,6 +115,7 @@ class Backend:
     topologies: tuple[Topology, ...] = ()
     demo: Optional[DemoBases] = None  # built and asked by `make demo`, on these bases
     serves_adapters: bool = False  # serves LoRA adapters unmerged (each a small layer over one base)
+    hardware: Optional[str] = None  # where it runs, as the docs say it; None: from `gpu` and `cuda_base`
     template_dir: Path = TEMPLATES
 
     @property
@@ -140,6 +151,15 @@ class Backend:
     def smoke_gaps(self, spec: BuildSpec) -> frozenset[str]:
         """The smoke checks this build cannot pass (written to .env as <BACKEND>_SMOKE_SKIP)."""
         return frozenset()
+
+    def openai_variants(self) -> tuple[tuple[str, dict[str, Any]], ...]:
+        """(label, spec fields) of each build of it whose OpenAI features differ (an engine, say)."""
+        return ((self.title, {}),)
+
+    def openai_gaps(self, spec: BuildSpec) -> Optional[frozenset[str]]:
+        """The OPENAI_FEATURES this build's pinned server lacks, as the tests measure them with the official
+        openai client (their expected gaps come from here); None: not measured on this project's machines."""
+        return None
 
     def adapter_problems(self, facts: AdapterFacts) -> list[str]:
         """Why it cannot serve this adapter unmerged (empty: it can), each saying what to do instead."""

@@ -362,7 +362,7 @@ def test_image_adds_only_code_and_weights_to_its_base(built, refused, docker_cmd
     )
 
 
-# ---- the demo LoRA served unmerged (issue 19 on vLLM) ------------------------------------------------------
+# ---- the demo LoRA served unmerged on vLLM ------------------------------------------------------
 
 
 def test_served_lora_image_passes_the_lora_check_and_sets_the_lora_env(served_lora, demo_models):

@@ -80,7 +80,7 @@ def test_the_transformers_model_fallback_name_is_gone():
 
 
 def test_serve_argv_defaults():
-    """Issue 21 point 1: --max-model-len auto by default (vLLM's own default sizes for the full context)."""
+    """--max-model-len auto by default (vLLM's own default sizes for the full context)."""
     assert serve_argv({}) == [
         "vllm",
         "serve",
@@ -181,7 +181,7 @@ def test_serve_print_shows_the_command():
 
 
 def test_old_vllm_names_still_work_with_a_warning_and_never_reach_vllm():
-    """Issue 21 point 6: ours are LLM_*; the old VLLM_* names are read, warned about and removed, so
+    """Our variables are LLM_*; the old VLLM_* names are read, warned about and removed, so
     vLLM never logs "Unknown vLLM environment variable" (or fails under --fail-on-environ-validation)."""
     res = run_serve_print(
         {"VLLM_EXTRA_ARGS": "--enforce-eager", "VLLM_TRUST_REMOTE_CODE": "1", "VLLM_MODEL_PATH": "/m"}
@@ -247,7 +247,7 @@ def test_check_command_fails_with_the_message(tmp_path: Path, monkeypatch, capsy
 
 
 def test_check_command_refuses_a_pooling_model_and_a_lora_it_cannot_serve(tmp_path: Path, monkeypatch, capsys):
-    """Issue 21 point 5: an embedding model is in vLLM's registry, yet it would serve no chat/completions."""
+    """An embedding model is in vLLM's registry, yet it would serve no chat/completions."""
     stand_in_vllm(monkeypatch, SUPPORTED | {"BertModel"}, {"BertModel": EMBED, "GlmForCausalLM": GENERATE})
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
     assert vllm_boot.main(["check", "--local", str(tmp_path)]) == 1
@@ -315,7 +315,7 @@ def test_max_lora_rank_is_the_smallest_allowed_value_that_holds_it(rank, allowed
     assert MAX_LORA_RANKS == (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py MaxLoRARanks
 
 
-# ---- issue 21 point 7: the chat template -------------------------------------------------------
+# ---- the chat template -------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -359,7 +359,7 @@ def test_check_command_warns_and_builds_when_vllm_cannot_inspect_the_class(tmp_p
     assert "checks were skipped" in err
 
 
-# ---- issue 19: adapters served unmerged (--enable-lora) -------------------------------------------------
+# ---- adapters served unmerged (--enable-lora) -------------------------------------------------
 
 
 def test_lora_modules_become_vllms_lora_flags():
