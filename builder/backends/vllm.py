@@ -92,7 +92,7 @@ BACKEND = VllmBackend(
     cache_volume="/home/app/.cache",
     passthrough_env=("LLM_EXTRA_ARGS",),
     options=VllmOptions,
-    runtime_modules=("vllm_boot.py",),
+    runtime_modules=("vllm_boot.py", "vllm_limits.py"),
     # adapters unmerged: --enable-lora --lora-modules, each adapter a small layer over one base
     serves_adapters=True,
     template_values={"lora_dir": LORA_DIR},

@@ -268,15 +268,57 @@ def lora_argv(env: dict[str, str], modules: list[tuple[str, str]]) -> list[str]:
     return argv
 
 
+# The middleware that refuses a request over the work limits (builder/runtime/vllm_limits.py).
+LIMITS_MIDDLEWARE = "builder.runtime.vllm_limits.RequestLimits"
+
+
+def model_max_new_tokens(model: str) -> int | None:
+    """The model's own default output length (generation_config.json max_new_tokens), if it has one."""
+    try:
+        value = json.loads((Path(model) / "generation_config.json").read_text()).get("max_new_tokens")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def limits_argv(env: dict[str, str], model: str) -> list[str]:
+    """The bound on one request's work: the middleware (it reads $LLM_MAX_N, $LLM_MAX_TOKENS,
+    $LLM_MAX_BODY_BYTES itself, checked here first so a bad value stops the start with its name),
+    vLLM's --max-logprobs ($LLM_MAX_LOGPROBS, default 20, vLLM's own), $LLM_MAX_NUM_SEQS when set (else
+    vLLM's default for the device), and $LLM_MAX_TOKENS as the default output length of a request that
+    gives none (a smaller max_new_tokens of the model's generation_config.json stays)."""
+    from builder.runtime.vllm_limits import Limits
+
+    try:
+        limits = Limits.from_env(env)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    argv = ["--middleware", LIMITS_MIDDLEWARE]
+    for name, flag, default in (
+        ("LLM_MAX_LOGPROBS", "--max-logprobs", "20"),
+        ("LLM_MAX_NUM_SEQS", "--max-num-seqs", ""),
+    ):
+        value = env.get(name, "").strip() or default
+        if value and not (value.isascii() and value.lstrip("-").isdigit()):
+            raise SystemExit(f"error: {name}={value!r} is not a whole number")
+        if value:
+            argv += [flag, value]
+    if limits.max_tokens:
+        default = min(limits.max_tokens, model_max_new_tokens(model) or limits.max_tokens)
+        argv += ["--override-generation-config", json.dumps({"max_new_tokens": default})]
+    return argv
+
+
 def serve_argv(env: dict[str, str]) -> list[str]:
-    """`vllm serve` with the served name, port, context length, remote-code switch, the LoRA adapters
-    ($LLM_LORA_MODULES) and $LLM_EXTRA_ARGS (last, so a flag there wins: vLLM's parser keeps the last value).
-    Expects renamed_env's output."""
+    """`vllm serve` with the served name, port, context length, the work limits, remote-code switch, the
+    LoRA adapters ($LLM_LORA_MODULES) and $LLM_EXTRA_ARGS (last, so a flag there wins: vLLM's parser keeps
+    the last value). Expects renamed_env's output."""
     modules = lora_modules(env)
+    model = env.get("LLM_MODEL_PATH") or "/models/model"
     argv = [
         "vllm",
         "serve",
-        env.get("LLM_MODEL_PATH") or "/models/model",
+        model,
         "--served-model-name",
         base_name(env.get("SERVED_MODEL_NAME", "model"), [name for name, _ in modules]),
         "--host",
@@ -289,6 +331,7 @@ def serve_argv(env: dict[str, str]) -> list[str]:
     max_model_len = env.get("LLM_MAX_MODEL_LEN", "auto").strip()
     if max_model_len:
         argv += ["--max-model-len", max_model_len]
+    argv += limits_argv(env, model)
     if truthy(env.get("LLM_TRUST_REMOTE_CODE")):
         argv.append("--trust-remote-code")
     if modules:

@@ -93,6 +93,12 @@ def test_serve_argv_defaults():
         "8000",
         "--max-model-len",
         "auto",
+        "--middleware",
+        "builder.runtime.vllm_limits.RequestLimits",
+        "--max-logprobs",
+        "20",
+        "--override-generation-config",
+        '{"max_new_tokens": 4096}',
     ]
 
 
@@ -173,6 +179,12 @@ def test_serve_print_shows_the_command():
         "8000",
         "--max-model-len",
         "512",
+        "--middleware",
+        "builder.runtime.vllm_limits.RequestLimits",
+        "--max-logprobs",
+        "20",
+        "--override-generation-config",
+        '{"max_new_tokens": 4096}',
         "--trust-remote-code",
         "--enforce-eager",
     ]
