@@ -55,6 +55,10 @@ TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "min
 DRAIN_SECONDS = 5.0
 DRAIN_BYTES = 64 * MIB
 
+# The error `type` per status, in the style of vLLM's own ("BadRequestError"), the same on every Python
+# (HTTPStatus(413).phrase changed between versions).
+ERROR_TYPES = {400: "BadRequestError", 413: "RequestTooLargeError"}
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -188,7 +192,7 @@ def expects_continue(scope) -> bool:
 
 
 async def send_error(send, error: Refusal, close: bool = False) -> None:
-    kind = "BadRequestError" if error.status == 400 else HTTPStatus(error.status).phrase
+    kind = ERROR_TYPES.get(error.status) or HTTPStatus(error.status).phrase
     body = json.dumps(
         {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.status}}
     ).encode()
