@@ -35,7 +35,7 @@ LIMIT_ENV = {
 
 # The routes that start generation in vLLM 0.32/0.33 (tests/runtime/test_vllm_limits.py checks the list
 # against a real vLLM app's routes when one is installed). /invocations is SageMaker's alias that hands
-# the body to completions, chat or responses by its shape.
+# the body to completions, chat or responses by its shape. /generative_scoring runs one prompt per item.
 GENERATION_ROUTES = frozenset(
     {
         "/v1/completions",
@@ -45,6 +45,7 @@ GENERATION_ROUTES = frozenset(
         "/v1/messages",
         "/inference/v1/generate",
         "/invocations",
+        "/generative_scoring",
     }
 )
 SEQUENCE_FIELDS = ("n", "best_of")
@@ -110,12 +111,18 @@ def big_int(digits: str) -> int | float:
     return int(digits) if len(digits) <= 30 else float("inf")
 
 
+# field -> what one entry of it is, for a body that asks for several prompts at once
+BATCH_FIELDS = {"prompt": "prompts", "messages": "conversations", "items": "items"}
+
+
 def batch_size(body: dict) -> tuple[str, int] | None:
     """(field, how many) for a body that asks for several prompts at once: a list of prompts (strings or
-    token-id lists; a flat list of ids is one prompt), or a list of conversations."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
-        return "prompt", len(prompt)
+    token-id lists; a flat list of ids is one prompt), a list of conversations, or a list of items to
+    score (each one prompt)."""
+    for field in ("prompt", "items"):
+        value = body.get(field)
+        if isinstance(value, list) and value and not all(isinstance(p, int) for p in value):
+            return field, len(value)
     messages = body.get("messages")
     if isinstance(messages, list) and messages and all(isinstance(m, list) for m in messages):
         return "messages", len(messages)
@@ -165,7 +172,7 @@ def check_body(body, limits: Limits) -> None:
         field, count = batch
         raise Refusal(
             400,
-            f"{field} holds {count} {'prompts' if field == 'prompt' else 'conversations'} x {sequences} "
+            f"{field} holds {count} {BATCH_FIELDS[field]} x {sequences} "
             f"sequences each = {count * sequences}, over this server's limit of {limits.max_n} sequences per "
             "request; send fewer at once, or raise the server's LLM_MAX_N environment variable (0: no limit).",
             field,

@@ -176,6 +176,14 @@ def test_conversations_times_n_is_bounded_on_the_chat_batch_route():
     assert status(sent) == 200
 
 
+def test_items_to_score_are_bounded_on_generative_scoring():
+    sent, inner = post({"query": "q", "items": ["a"] * 17, "label_token_ids": [1]}, "/generative_scoring")
+    assert_refused(sent, inner, "items", "LLM_MAX_N", 16)
+    assert "17 items x 1 sequences each = 17" in error(sent)["message"]
+    sent, inner = post({"query": "q", "items": [[1, 2]] * 16, "label_token_ids": [1]}, "/generative_scoring")
+    assert status(sent) == 200
+
+
 def test_the_generate_route_sampling_params_are_bounded():
     sent, inner = post({"token_ids": [1, 2], "sampling_params": {"n": 64}}, "/inference/v1/generate")
     assert_refused(sent, inner, "n", "LLM_MAX_N", 16)
