@@ -283,8 +283,8 @@ def model_max_new_tokens(model: str) -> int | None:
 
 def limits_argv(env: dict[str, str], model: str) -> list[str]:
     """The bound on one request's work: the middleware (it reads $LLM_MAX_N, $LLM_MAX_TOKENS,
-    $LLM_MAX_BODY_BYTES itself, checked here first so a bad value stops the start with its name),
-    vLLM's --max-logprobs ($LLM_MAX_LOGPROBS, default 20, vLLM's own), $LLM_MAX_NUM_SEQS when set (else
+    $LLM_MAX_BODY_BYTES, $LLM_MAX_LOGPROBS itself, checked here first so a bad value stops the start with
+    its name), vLLM's --max-logprobs ($LLM_MAX_LOGPROBS, default 20, vLLM's own), $LLM_MAX_NUM_SEQS when set (else
     vLLM's default for the device), and $LLM_MAX_TOKENS as the default output length of a request that
     gives none (a smaller max_new_tokens of the model's generation_config.json stays)."""
     from builder.runtime.vllm_limits import Limits
@@ -293,16 +293,12 @@ def limits_argv(env: dict[str, str], model: str) -> list[str]:
         limits = Limits.from_env(env)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    argv = ["--middleware", LIMITS_MIDDLEWARE]
-    for name, flag, default in (
-        ("LLM_MAX_LOGPROBS", "--max-logprobs", "20"),
-        ("LLM_MAX_NUM_SEQS", "--max-num-seqs", ""),
-    ):
-        value = env.get(name, "").strip() or default
-        if value and not (value.isascii() and value.lstrip("-").isdigit()):
-            raise SystemExit(f"error: {name}={value!r} is not a whole number")
-        if value:
-            argv += [flag, value]
+    argv = ["--middleware", LIMITS_MIDDLEWARE, "--max-logprobs", str(limits.max_logprobs)]
+    seqs = env.get("LLM_MAX_NUM_SEQS", "").strip()
+    if seqs and not (seqs.isascii() and seqs.isdigit() and int(seqs) > 0):
+        raise SystemExit(f"error: LLM_MAX_NUM_SEQS={seqs!r}: give a whole number of sequences vLLM runs at once")
+    if seqs:
+        argv += ["--max-num-seqs", seqs]
     if limits.max_tokens:
         default = min(limits.max_tokens, model_max_new_tokens(model) or limits.max_tokens)
         argv += ["--override-generation-config", json.dumps({"max_new_tokens": default})]

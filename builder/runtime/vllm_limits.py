@@ -8,9 +8,11 @@ come from the environment:
   memory (a declared Content-Length at once; a chunked body once it passes the limit);
 - LLM_MAX_N (default 16): `n`, `best_of`, and the sequences a batch asks for (prompts x n on
   /v1/completions, conversations x n on /v1/chat/completions/batch);
-- LLM_MAX_TOKENS (default 4096): `max_tokens`, `max_completion_tokens`, `max_output_tokens`, `min_tokens`.
+- LLM_MAX_TOKENS (default 4096): `max_tokens`, `max_completion_tokens`, `max_output_tokens`, `min_tokens`;
+- LLM_MAX_LOGPROBS (default 20, vLLM's --max-logprobs, which vLLM enforces too): `logprobs` (a number),
+  `top_logprobs`, `prompt_logprobs`, so that the refusal names the variable.
 
-0 turns a limit off. A refusal is vLLM's own error shape, `{"error": {"message", "type", "param", "code"}}`,
+0 turns a limit off (for LLM_MAX_LOGPROBS, as in vLLM: -1; 0 allows none). A refusal is vLLM's own error shape, `{"error": {"message", "type", "param", "code"}}`,
 with a message that names the limit and the variable that raises it. Everything else, malformed JSON
 included, reaches vLLM untouched (the buffered body is handed on as one message), so vLLM's own
 validation answers it. Plain ASGI and the standard library only: it needs nothing from Starlette.
@@ -31,7 +33,10 @@ LIMIT_ENV = {
     "LLM_MAX_BODY_BYTES": (4 * MIB, "bytes in a request body"),
     "LLM_MAX_N": (16, "sequences one request generates (n, best_of, prompts x n)"),
     "LLM_MAX_TOKENS": (4096, "tokens one sequence may be asked to generate"),
+    "LLM_MAX_LOGPROBS": (20, "log probabilities per token"),
 }
+# vLLM's own --max-logprobs, which the image passes it too: -1 is no limit there, 0 no log probabilities.
+NEGATIVE_OFF = {"LLM_MAX_LOGPROBS"}
 
 # The routes that start generation in vLLM 0.32/0.33 (tests/runtime/test_vllm_limits.py checks the list
 # against a real vLLM app's routes when one is installed). /invocations is SageMaker's alias that hands
@@ -50,6 +55,7 @@ GENERATION_ROUTES = frozenset(
 )
 SEQUENCE_FIELDS = ("n", "best_of")
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "min_tokens")
+LOGPROB_FIELDS = ("logprobs", "top_logprobs", "prompt_logprobs")  # chat's `logprobs: true` is a bool: not counted
 
 # A refused body still being sent is read and dropped (never kept) for at most this long and this much,
 # so the client gets the answer instead of a reset connection; then the connection is closed.
@@ -68,6 +74,7 @@ class Limits:
     max_body_bytes: int = LIMIT_ENV["LLM_MAX_BODY_BYTES"][0]
     max_n: int = LIMIT_ENV["LLM_MAX_N"][0]
     max_tokens: int = LIMIT_ENV["LLM_MAX_TOKENS"][0]
+    max_logprobs: int = LIMIT_ENV["LLM_MAX_LOGPROBS"][0]
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Limits:
@@ -75,8 +82,9 @@ class Limits:
         values = {}
         for name, (default, what) in LIMIT_ENV.items():
             raw = (env.get(name) or "").strip()
-            if raw and not (raw.isascii() and raw.isdigit()):
-                raise ValueError(f"{name}={raw!r}: give a whole number of {what} (0: no limit)")
+            if raw and not (raw.isascii() and (raw.isdigit() or (name in NEGATIVE_OFF and raw == "-1"))):
+                off = "-1" if name in NEGATIVE_OFF else "0"
+                raise ValueError(f"{name}={raw!r}: give a whole number of {what} ({off}: no limit)")
             values[name.removeprefix("LLM_").lower()] = int(raw) if raw else default
         return cls(**values)
 
@@ -131,10 +139,11 @@ def batch_size(body: dict) -> tuple[str, int] | None:
 
 def over_limit(name: str, value: float, limit: int, what: str, env: str) -> Refusal:
     shown = "a number too large to read" if value == float("inf") else f"{value:g}"
+    off = "-1" if env in NEGATIVE_OFF else "0"
     return Refusal(
         400,
         f"{name} is {shown}, over this server's limit of {limit} {what}; "
-        f"the server's {env} environment variable raises it (0: no limit).",
+        f"the server's {env} environment variable raises it ({off}: no limit).",
         name,
     )
 
@@ -167,6 +176,10 @@ def check_body(body, limits: Limits) -> None:
             value = quantity(part.get(name))
             if value is not None and limits.max_tokens and value > limits.max_tokens:
                 raise over_limit(name, value, limits.max_tokens, "tokens per sequence", "LLM_MAX_TOKENS")
+        for name in LOGPROB_FIELDS:
+            value = quantity(part.get(name))
+            if value is not None and limits.max_logprobs >= 0 and value > limits.max_logprobs:
+                raise over_limit(name, value, limits.max_logprobs, "log probabilities per token", "LLM_MAX_LOGPROBS")
     batch = batch_size(body)
     if batch and limits.max_n and batch[1] * sequences > limits.max_n:
         field, count = batch

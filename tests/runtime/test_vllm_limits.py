@@ -129,6 +129,25 @@ def test_tokens_over_the_limit_are_refused_with_the_variable_named(field):
     assert_refused(sent, inner, field, "LLM_MAX_TOKENS", 4096)
 
 
+@pytest.mark.parametrize("field", ["logprobs", "top_logprobs", "prompt_logprobs"])
+def test_logprobs_over_the_limit_are_refused_with_the_variable_named(field):
+    sent, inner = post({"prompt": "hi", field: 21})
+    assert_refused(sent, inner, field, "LLM_MAX_LOGPROBS", 20)
+    assert "(-1: no limit)" in error(sent)["message"]
+
+
+def test_chat_logprobs_true_is_not_a_count():
+    sent, inner = post({"messages": [], "logprobs": True, "top_logprobs": 20}, "/v1/chat/completions")
+    assert status(sent) == 200
+
+
+def test_logprobs_limit_follows_vllms_meaning_of_minus_one_and_zero():
+    sent, inner = post({"prompt": "hi", "logprobs": 10**6}, limits=Limits(max_logprobs=-1))
+    assert status(sent) == 200
+    sent, inner = post({"prompt": "hi", "logprobs": 1}, limits=Limits(max_logprobs=0))
+    assert_refused(sent, inner, "logprobs", "LLM_MAX_LOGPROBS", 0)
+
+
 def test_at_the_limit_reaches_vllm_byte_for_byte_in_one_message():
     raw = json.dumps({"prompt": "hi", "n": 16, "best_of": 16, "max_tokens": 4096, "min_tokens": 4096}).encode()
     sent, inner = post(raw)
@@ -383,10 +402,21 @@ def test_a_disconnect_during_generation_reaches_vllm():
 
 
 def test_limits_come_from_the_environment():
-    assert Limits.from_env({}) == Limits(4 * 1024 * 1024, 16, 4096)
-    assert Limits.from_env({"LLM_MAX_N": " 64 ", "LLM_MAX_TOKENS": "0", "LLM_MAX_BODY_BYTES": ""}) == Limits(
-        4 * 1024 * 1024, 64, 0
-    )
+    assert Limits.from_env({}) == Limits(4 * 1024 * 1024, 16, 4096, 20)
+    env = {"LLM_MAX_N": " 64 ", "LLM_MAX_TOKENS": "0", "LLM_MAX_BODY_BYTES": "", "LLM_MAX_LOGPROBS": "-1"}
+    assert Limits.from_env(env) == Limits(4 * 1024 * 1024, 64, 0, -1)
+    with pytest.raises(ValueError, match=r"^LLM_MAX_LOGPROBS='-2'.*\(-1: no limit\)"):
+        Limits.from_env({"LLM_MAX_LOGPROBS": "-2"})
+
+
+def test_the_images_defaults_are_the_middlewares():
+    """The vLLM image sets each variable (compose and Kubernetes pass them on): the same defaults."""
+    from builder.backends.vllm import BACKEND
+
+    tunables = dict(BACKEND.tunables)
+    assert {name: tunables.get(name) for name in vllm_limits.LIMIT_ENV} == {
+        name: str(default) for name, (default, _) in vllm_limits.LIMIT_ENV.items()
+    }
 
 
 @pytest.mark.parametrize("value", ["-1", "1e3", "16.0", "lots", "١٦"])

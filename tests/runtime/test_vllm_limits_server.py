@@ -218,9 +218,18 @@ def test_chat_over_a_limit_is_refused_at_once(client):
     assert "LLM_MAX_N" in err["message"]
 
 
-def test_logprobs_are_bounded_by_vllm_itself(client):
+def test_logprobs_over_the_limit_are_refused_with_the_variable_named(client):
     err, _ = refused(lambda: client.completions.create(model="tiny", prompt="Hello", max_tokens=2, logprobs=1000))
-    assert "max allowed: 20" in err["message"]
+    assert err["param"] == "logprobs" and "LLM_MAX_LOGPROBS" in err["message"] and "limit of 20 " in err["message"]
+    messages = [{"role": "user", "content": "hi"}]
+    err, _ = refused(
+        lambda: client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=2, logprobs=True, top_logprobs=21
+        )
+    )
+    assert err["param"] == "top_logprobs" and "LLM_MAX_LOGPROBS" in err["message"]
+    done = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, logprobs=True, top_logprobs=20)
+    assert len(done.choices[0].logprobs.content[0].top_logprobs) == 20
 
 
 def test_a_body_over_the_cap_is_refused_413(client):
