@@ -284,9 +284,9 @@ def model_max_new_tokens(model: str) -> int | None:
 def limits_argv(env: dict[str, str], model: str) -> list[str]:
     """The bound on one request's work: the middleware (it reads $LLM_MAX_N, $LLM_MAX_TOKENS,
     $LLM_MAX_BODY_BYTES, $LLM_MAX_LOGPROBS itself, checked here first so a bad value stops the start with
-    its name), vLLM's --max-logprobs ($LLM_MAX_LOGPROBS, default 20, vLLM's own), $LLM_MAX_NUM_SEQS when set (else
-    vLLM's default for the device), and $LLM_MAX_TOKENS as the default output length of a request that
-    gives none (a smaller max_new_tokens of the model's generation_config.json stays)."""
+    its name), vLLM's --max-logprobs ($LLM_MAX_LOGPROBS, default 20, vLLM's own), $LLM_MAX_NUM_SEQS when
+    set (else vLLM's default for the device), and $LLM_MAX_TOKENS as the default output length of a
+    request that gives none (a smaller max_new_tokens of the model's generation_config.json stays)."""
     from builder.runtime.vllm_limits import Limits
 
     try:

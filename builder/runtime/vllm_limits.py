@@ -7,13 +7,14 @@ come from the environment:
 - LLM_MAX_BODY_BYTES (default 4 MiB): a larger body is refused with 413 before more than that is held in
   memory (a declared Content-Length at once; a chunked body once it passes the limit);
 - LLM_MAX_N (default 16): `n`, `best_of`, and the sequences a batch asks for (prompts x n on
-  /v1/completions, conversations x n on /v1/chat/completions/batch);
+  /v1/completions, conversations x n on /v1/chat/completions/batch, items on /generative_scoring);
 - LLM_MAX_TOKENS (default 4096): `max_tokens`, `max_completion_tokens`, `max_output_tokens`, `min_tokens`;
 - LLM_MAX_LOGPROBS (default 20, vLLM's --max-logprobs, which vLLM enforces too): `logprobs` (a number),
   `top_logprobs`, `prompt_logprobs`, so that the refusal names the variable.
 
-0 turns a limit off (for LLM_MAX_LOGPROBS, as in vLLM: -1; 0 allows none). A refusal is vLLM's own error shape, `{"error": {"message", "type", "param", "code"}}`,
-with a message that names the limit and the variable that raises it. Everything else, malformed JSON
+0 turns a limit off (for LLM_MAX_LOGPROBS, as in vLLM: -1; 0 allows none). A refusal is vLLM's own
+error shape, `{"error": {"message", "type", "param", "code"}}`, with a message that names the limit and
+the variable that raises it. Everything else, malformed JSON
 included, reaches vLLM untouched (the buffered body is handed on as one message), so vLLM's own
 validation answers it. Plain ASGI and the standard library only: it needs nothing from Starlette.
 """
@@ -38,8 +39,8 @@ LIMIT_ENV = {
 # vLLM's own --max-logprobs, which the image passes it too: -1 is no limit there, 0 no log probabilities.
 NEGATIVE_OFF = {"LLM_MAX_LOGPROBS"}
 
-# The routes that start generation in vLLM 0.32/0.33 (tests/runtime/test_vllm_limits.py checks the list
-# against a real vLLM app's routes when one is installed). /invocations is SageMaker's alias that hands
+# The routes that start generation in vLLM 0.32/0.33 (tests/runtime/test_vllm_limits_server.py checks the
+# list against a real vLLM server's routes when one is installed). /invocations is SageMaker's alias that hands
 # the body to completions, chat or responses by its shape. /generative_scoring runs one prompt per item.
 GENERATION_ROUTES = frozenset(
     {
