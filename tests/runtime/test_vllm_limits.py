@@ -327,9 +327,11 @@ def test_a_declared_length_over_the_cap_is_refused_413_and_the_connection_closed
 def test_a_body_without_length_is_cut_off_once_it_passes_the_cap():
     limits = Limits(max_body_bytes=1000)
     inner = Recorder()
-    sent, read = run(RequestLimits(inner, limits), http_scope(), chunked(b"a" * 3000, 300))
+    messages = chunked(b"a" * 3000, 300)
+    sent, read = run(RequestLimits(inner, limits), http_scope(), messages)
     assert_refused(sent, inner, None, "LLM_MAX_BODY_BYTES", 1000, status_code=413)
     assert dict(sent[0]["headers"])[b"connection"] == b"close"
+    assert read == len(messages), "the rest of the body is read and dropped, so the client gets the answer"
 
 
 def test_a_body_of_exactly_the_cap_passes():
