@@ -102,6 +102,7 @@ def server(tmp_path_factory):
         "PORT": str(port),
         "LLM_MAX_MODEL_LEN": "2048",
         "LLM_MAX_TOKENS": str(MAX_TOKENS),
+        "LLM_MAX_NUM_SEQS": "8",  # --max-num-seqs: fewer than a request's 16 sequences, which then queue
         "LLM_EXTRA_ARGS": "--host 127.0.0.1 --dtype bfloat16",
         "API_KEY": KEY,
         "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -109,7 +110,7 @@ def server(tmp_path_factory):
     }
     env = serve_env(env)
     argv = serve_argv(env)
-    assert argv[:2] == ["vllm", "serve"]
+    assert argv[:2] == ["vllm", "serve"] and "--max-num-seqs" in argv
     log = work / "vllm.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
