@@ -171,7 +171,7 @@ def _runtime_tree(tmp_path: Path, backend: str) -> Path:
             "xinference",
             ["builder.runtime.xinference.__main__", "builder.runtime.xinference.cluster", "builder.runtime.smoke"],
         ),
-        ("vllm", ["builder.runtime.vllm_boot", "builder.runtime.smoke"]),
+        ("vllm", ["builder.runtime.vllm_boot", "builder.runtime.vllm_limits", "builder.runtime.smoke"]),
     ],
 )
 def test_runtime_images_run_from_what_they_copy(tmp_path, backend, modules):

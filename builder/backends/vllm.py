@@ -130,8 +130,15 @@ BACKEND = VllmBackend(
     gpu=True,
     cache_volume="/home/app/.cache",
     passthrough_env=("LLM_EXTRA_ARGS",),
+    # the bound on one request's work (builder/runtime/vllm_limits.py, docs/vllm-limits.md); 0: no bound
+    tunables=(
+        ("LLM_MAX_N", "16"),
+        ("LLM_MAX_TOKENS", "4096"),
+        ("LLM_MAX_BODY_BYTES", "4194304"),
+        ("LLM_MAX_LOGPROBS", "20"),
+    ),
     options=VllmOptions,
-    runtime_modules=("vllm_boot.py",),
+    runtime_modules=("vllm_boot.py", "vllm_limits.py"),
     # adapters unmerged: --enable-lora --lora-modules, each adapter a small layer over one base
     serves_adapters=True,
     template_values={"lora_dir": LORA_DIR},

@@ -305,15 +305,53 @@ def dtype_argv(env: dict[str, str], flags: set[str] | None = None) -> list[str]:
     return []
 
 
+# The middleware that refuses a request over the work limits (builder/runtime/vllm_limits.py).
+LIMITS_MIDDLEWARE = "builder.runtime.vllm_limits.RequestLimits"
+
+
+def model_max_new_tokens(model: str) -> int | None:
+    """The model's own default output length (generation_config.json max_new_tokens), if it has one."""
+    try:
+        value = json.loads((Path(model) / "generation_config.json").read_text()).get("max_new_tokens")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def limits_argv(env: dict[str, str], model: str) -> list[str]:
+    """The bound on one request's work: the middleware (it reads $LLM_MAX_N, $LLM_MAX_TOKENS,
+    $LLM_MAX_BODY_BYTES, $LLM_MAX_LOGPROBS itself, checked here first so a bad value stops the start with
+    its name), vLLM's --max-logprobs ($LLM_MAX_LOGPROBS, default 20, vLLM's own), $LLM_MAX_NUM_SEQS when
+    set (else vLLM's default for the device), and $LLM_MAX_TOKENS as the default output length of a
+    request that gives none (a smaller max_new_tokens of the model's generation_config.json stays)."""
+    from builder.runtime.vllm_limits import Limits
+
+    try:
+        limits = Limits.from_env(env)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    argv = ["--middleware", LIMITS_MIDDLEWARE, "--max-logprobs", str(limits.max_logprobs)]
+    seqs = env.get("LLM_MAX_NUM_SEQS", "").strip()
+    if seqs and not (seqs.isascii() and seqs.isdigit() and int(seqs) > 0):
+        raise SystemExit(f"error: LLM_MAX_NUM_SEQS={seqs!r}: give a whole number of sequences vLLM runs at once")
+    if seqs:
+        argv += ["--max-num-seqs", seqs]
+    if limits.max_tokens:
+        default = min(limits.max_tokens, model_max_new_tokens(model) or limits.max_tokens)
+        argv += ["--override-generation-config", json.dumps({"max_new_tokens": default})]
+    return argv
+
+
 def serve_argv(env: dict[str, str]) -> list[str]:
-    """`vllm serve` with the served name, port, context length, remote-code switch, the LoRA adapters
-    ($LLM_LORA_MODULES) and $LLM_EXTRA_ARGS (last, so a flag there wins: vLLM's parser keeps the last value).
-    Expects renamed_env's output."""
+    """`vllm serve` with the served name, port, context length, the work limits, remote-code switch, the
+    LoRA adapters ($LLM_LORA_MODULES) and $LLM_EXTRA_ARGS (last, so a flag there wins: vLLM's parser keeps
+    the last value). Expects renamed_env's output."""
     modules = lora_modules(env)
+    model = env.get("LLM_MODEL_PATH") or "/models/model"
     argv = [
         "vllm",
         "serve",
-        env.get("LLM_MODEL_PATH") or "/models/model",
+        model,
         "--served-model-name",
         base_name(env.get("SERVED_MODEL_NAME", "model"), [name for name, _ in modules]),
         "--host",
@@ -326,6 +364,7 @@ def serve_argv(env: dict[str, str]) -> list[str]:
     max_model_len = env.get("LLM_MAX_MODEL_LEN", "auto").strip()
     if max_model_len:
         argv += ["--max-model-len", max_model_len]
+    argv += limits_argv(env, model)
     if truthy(env.get("LLM_TRUST_REMOTE_CODE")):
         argv.append("--trust-remote-code")
     argv += dtype_argv(env)

@@ -301,6 +301,12 @@ def test_serve_argv_inside_the_image(built, demo_models, docker_cmd):
         "8000",
         "--max-model-len",
         "auto",  # the image's LLM_MAX_MODEL_LEN (spec vllm_max_model_len) ...
+        "--middleware",
+        "builder.runtime.vllm_limits.RequestLimits",
+        "--max-logprobs",
+        "20",
+        "--override-generation-config",
+        '{"max_new_tokens": 4096}',
         "--max-model-len",
         "512",  # ... and LLM_EXTRA_ARGS last, which vLLM's parser lets win
         "--enforce-eager",

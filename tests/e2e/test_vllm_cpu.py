@@ -6,8 +6,9 @@ What it proves: the served names (/v1/models lists the base and each adapter wit
 answer, the OpenAI features (streaming, stop, usage, completions), the API key (401) and unknown models (404);
 that base and adapter requests batched together answer what they answer alone (no adapter leaks into the base or
 into another adapter: `tests/_mixed_batch.py` tells a leak from numerical drift); that hostile bodies and hung-up
-streams leave it serving; and that vLLM's greedy token ids at float32 are transformers' (base) and peft's
-unmerged (adapter).
+streams, and work over the image's per-request limits (refused naming the limit) leave it serving; and that
+vLLM's greedy token ids at float32 are transformers' (base) and peft's unmerged (adapter), for the demo GLM and
+a tiny Llama.
 
 E2E_VLLM_MAX_LORAS=N starts the server with `--max-loras N` instead (LLM_EXTRA_ARGS, last flag wins): with N = the
 number of adapters, vLLM's CPU LoRA kernels apply the last adapter to base requests in a mixed batch, and
@@ -183,28 +184,33 @@ def _post(path: str, body: bytes | dict, timeout: float = 60) -> tuple[int, str]
 
 
 def test_hostile_bodies_are_refused_and_leave_it_serving(served):
-    """Malformed JSON, token ids outside the vocabulary, max_tokens and logprobs far too large, a 100k-token
-    prompt: each refused with a 4xx in seconds; then every name still answers."""
-    # TODO(request limits): n / best_of bounds come with the request-limit middleware (vLLM accepts n: 1000).
+    """Malformed JSON, token ids outside the vocabulary, a 100k-token prompt, and work over the image's limits
+    (n, best_of, max_tokens, logprobs, a body over LLM_MAX_BODY_BYTES): each refused with a 4xx in seconds, a
+    limit's refusal naming its variable; a logprobs request within the limit answers; then every name answers."""
     base = served["base"]
+    chat = {"model": base, "messages": [{"role": "user", "content": "hi"}]}
     cases = [
-        ("/v1/chat/completions", b"{not json"),
-        ("/v1/chat/completions", b""),
-        ("/v1/chat/completions", {"model": base, "messages": "x"}),
-        ("/v1/completions", {"model": base, "prompt": [10**9, -5], "max_tokens": 2}),
-        ("/v1/completions", {"model": "tuned", "prompt": "hi", "max_tokens": 10**9}),
-        ("/v1/completions", {"model": base, "prompt": "hi", "max_tokens": 2, "logprobs": 10**6}),
-        (
-            "/v1/chat/completions",
-            {"model": base, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 10**6, "logprobs": True},
-        ),  # noqa: E501
-        ("/v1/completions", {"model": "second", "prompt": "hello " * 100_000, "max_tokens": 2}),
+        ("/v1/chat/completions", b"{not json", None),
+        ("/v1/chat/completions", b"", None),
+        ("/v1/chat/completions", {"model": base, "messages": "x"}, None),
+        ("/v1/completions", {"model": base, "prompt": [10**9, -5], "max_tokens": 2}, None),
+        ("/v1/completions", {"model": "second", "prompt": "hello " * 100_000, "max_tokens": 2}, None),
+        ("/v1/completions", {"model": "tuned", "prompt": "hi", "max_tokens": 10**9}, "LLM_MAX_TOKENS"),
+        ("/v1/completions", {"model": base, "prompt": "hi", "max_tokens": 2, "n": 1000}, "LLM_MAX_N"),
+        ("/v1/completions", {"model": base, "prompt": "hi", "max_tokens": 2, "best_of": 1000}, "LLM_MAX_N"),
+        ("/v1/chat/completions", {**chat, "n": 1000}, "LLM_MAX_N"),
+        ("/v1/completions", {"model": base, "prompt": "hi", "max_tokens": 2, "logprobs": 10**6}, "LLM_MAX_LOGPROBS"),
+        ("/v1/chat/completions", {**chat, "top_logprobs": 10**6, "logprobs": True}, "LLM_MAX_LOGPROBS"),
+        ("/v1/completions", {"model": base, "prompt": "x" * (5 * 2**20)}, "LLM_MAX_BODY_BYTES"),
     ]
-    for path, body in cases:
+    for path, body, limit in cases:
         start = time.monotonic()
         status, text = _post(path, body)
         assert 400 <= status < 500, (path, str(body)[:80], status, text[:300])
+        assert limit is None or limit in text, (path, str(body)[:80], status, text[:300])
         assert time.monotonic() - start < 30, (path, str(body)[:80])
+    status, text = _post("/v1/completions", {"model": "tuned", "prompt": "hi", "max_tokens": 2, "logprobs": 5})
+    assert status == 200 and len(json.loads(text)["choices"][0]["logprobs"]["top_logprobs"][0]) == 5, text[:300]
     for name, answers in _answers(base).items():
         assert _ask(served["client"], name, demo.CHANGED_PROMPT).strip() == answers[demo.CHANGED_PROMPT].strip()
 

@@ -93,6 +93,12 @@ def test_serve_argv_defaults():
         "8000",
         "--max-model-len",
         "auto",
+        "--middleware",
+        "builder.runtime.vllm_limits.RequestLimits",
+        "--max-logprobs",
+        "20",
+        "--override-generation-config",
+        '{"max_new_tokens": 4096}',
     ]
 
 
@@ -173,6 +179,12 @@ def test_serve_print_shows_the_command():
         "8000",
         "--max-model-len",
         "512",
+        "--middleware",
+        "builder.runtime.vllm_limits.RequestLimits",
+        "--max-logprobs",
+        "20",
+        "--override-generation-config",
+        '{"max_new_tokens": 4096}',
         "--trust-remote-code",
         "--enforce-eager",
     ]
@@ -410,3 +422,51 @@ def test_serve_print_shows_the_lora_flags():
     assert shlex.split(res.stdout)[-7:] == [
         "--enable-lora", "--lora-modules", "a=/models/lora/a", "--max-loras", "1", "--max-lora-rank", "8"
     ]  # fmt: skip
+
+
+# ---- the bound on one request's work -----------------------------------------------------------------
+
+
+def test_limits_argv_defaults_and_overrides(tmp_path):
+    from builder.runtime.vllm_boot import limits_argv
+
+    assert limits_argv({}, str(tmp_path)) == [
+        "--middleware",
+        "builder.runtime.vllm_limits.RequestLimits",
+        "--max-logprobs",
+        "20",
+        "--override-generation-config",
+        '{"max_new_tokens": 4096}',
+    ]
+    env = {"LLM_MAX_LOGPROBS": "5", "LLM_MAX_NUM_SEQS": "8", "LLM_MAX_TOKENS": "100"}
+    assert limits_argv(env, str(tmp_path))[2:] == [
+        "--max-logprobs",
+        "5",
+        "--max-num-seqs",
+        "8",
+        "--override-generation-config",
+        '{"max_new_tokens": 100}',
+    ]
+    # no output bound: vLLM's own default output length (the rest of the context)
+    assert "--override-generation-config" not in limits_argv({"LLM_MAX_TOKENS": "0"}, str(tmp_path))
+
+
+def test_limits_argv_keeps_a_smaller_default_of_the_model(tmp_path):
+    from builder.runtime.vllm_boot import limits_argv
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 256}))
+    assert limits_argv({}, str(tmp_path))[-1] == '{"max_new_tokens": 256}'
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 100000}))
+    assert limits_argv({}, str(tmp_path))[-1] == '{"max_new_tokens": 4096}'
+
+
+@pytest.mark.parametrize(
+    "env,name",
+    [({"LLM_MAX_N": "ten"}, "LLM_MAX_N"), ({"LLM_MAX_BODY_BYTES": "4M"}, "LLM_MAX_BODY_BYTES"),
+     ({"LLM_MAX_LOGPROBS": "x"}, "LLM_MAX_LOGPROBS"), ({"LLM_MAX_NUM_SEQS": "1;rm"}, "LLM_MAX_NUM_SEQS")],
+)  # fmt: skip
+def test_limits_argv_stops_the_start_on_a_bad_value_with_its_name(tmp_path, env, name):
+    from builder.runtime.vllm_boot import limits_argv
+
+    with pytest.raises(SystemExit, match=rf"^error: {name}="):
+        limits_argv(env, str(tmp_path))
