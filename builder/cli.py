@@ -132,11 +132,11 @@ def render(out: Path, **flags) -> None:
     default=None,
     help="Digests `builder push` verified (default: build/NAME/pushed.json); pins the images.",
 )
-def k8s(out: Path, pushed: Path | None, **flags) -> None:
+def k8s(out: Path, pushed: Path | None, weights: str, **flags) -> None:
     """Render Kubernetes manifests: a kustomize base per backend, Xinference's cluster, an overlay example."""
     from builder.image.k8s import render_k8s
 
-    paths = render_k8s(_spec(flags, resolve=False), out, pushed)
+    paths = render_k8s(_spec(flags, resolve=False), out, pushed, weights=weights)
     kustomizations = [p for p in paths if p.name == "kustomization.yaml" and "kind: Component" not in p.read_text()]
     for base in sorted(p.parent for p in kustomizations):
         click.echo(f"{base}\tkubectl apply -k {base}")

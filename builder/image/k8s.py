@@ -307,9 +307,10 @@ def k8s_environment():
 
 
 def render_k8s_text(
-    spec: BuildSpec, names: list[str] | None = None, pushed: dict[str, str] | None = None
+    spec: BuildSpec, names: list[str] | None = None, pushed: dict[str, str] | None = None, weights: str = "baked"
 ) -> dict[str, str]:
-    """{relative path: text} of every manifest."""
+    """{relative path: text} of every manifest; `weights` "image-volume" adds the image-volume bases and the
+    KServe pair (builder/image/k8s_weights.py)."""
     names = chosen_backends(spec) if names is None else names
     pushed = pushed or {}
     env = k8s_environment()
@@ -337,19 +338,25 @@ def render_k8s_text(
         for f in files:
             put(f"{topology.name}/{f}", f"{topology.name}/{f}.j2", **values)
         put(f"{topology.name}/kustomization.yaml", "kustomization.yaml.j2", w=values["supervisor"], resources=files)
+    rows = []
+    if weights == "image-volume":
+        from builder.image import k8s_weights
+
+        rows = k8s_weights.render(spec, names, pushed, put)
     put("overlays/registry-pull-secret/kustomization.yaml", "overlay.yaml.j2", workloads=workloads)
     put("overlays/registry-pull-secret/pull-secret.yaml", "pull-secret.yaml.j2")
-    put("README.md", "README.md.j2", workloads=workloads, topologies=[t for _, t in topologies], marker=MARKER)
+    put("README.md", "README.md.j2", workloads=workloads, topologies=[t for _, t in topologies], marker=MARKER,
+        rows=rows)  # fmt: skip
     return out
 
 
-def render_k8s(spec: BuildSpec, out: Path, pushed_file: Path | None = None) -> list[Path]:
+def render_k8s(spec: BuildSpec, out: Path, pushed_file: Path | None = None, weights: str = "baked") -> list[Path]:
     """Write every manifest under `out`, replacing a previous render as a whole (temp folder + rename).
 
     `out` belongs to the render: it must be absent, empty, or a previous render (its README.md
     starts with MARKER), so a mistyped --out never deletes anything else."""
     pushed = read_pushed(pushed_file if pushed_file is not None else push.pushed_file(spec))
-    files = render_k8s_text(spec, pushed=pushed)
+    files = render_k8s_text(spec, pushed=pushed, weights=weights)
     if out.exists() and any(out.iterdir()):
         readme = out / "README.md"
         if not (readme.is_file() and readme.read_text().startswith(MARKER)):

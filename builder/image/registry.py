@@ -8,7 +8,6 @@ helper); a registry that answers 401 gets them as Basic auth, or through its Bea
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
