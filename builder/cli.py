@@ -132,6 +132,13 @@ def render(out: Path, **flags) -> None:
     default=None,
     help="Digests `builder push` verified (default: build/NAME/pushed.json); pins the images.",
 )
+@click.option(
+    "--weights",
+    type=click.Choice(["baked", "image-volume"]),
+    default="baked",
+    show_default=True,
+    help="image-volume: also the engine + weights-image Deployments (image volumes) and a KServe pair.",
+)
 def k8s(out: Path, pushed: Path | None, weights: str, **flags) -> None:
     """Render Kubernetes manifests: a kustomize base per backend, Xinference's cluster, an overlay example."""
     from builder.image.k8s import render_k8s

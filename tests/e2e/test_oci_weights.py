@@ -20,6 +20,8 @@ from builder.image import artifacts
 from builder.image import registry as oci
 from builder.image.build import build
 from builder.image.push import push
+from builder.model.gguf.header import read_header
+from builder.model.gguf.router import base_name
 from builder.spec import load_spec
 
 openai = pytest.importorskip("openai")
@@ -87,7 +89,7 @@ def test_model_artifacts_pull_back_byte_identical(pushed, tmp_path):
     assert oci.read_blob_to(client, repo, manifest["config"]["digest"], out) == manifest["config"]["digest"]
     config = json.loads(out.getvalue())
     assert config["config"]["format"] == "gguf" and config["config"]["quantization"] == "Q8_0"
-    assert config["config"]["architecture"] == "llama"
+    assert config["config"]["architecture"] == read_header(tmp_path / "image.gguf").architecture
     assert config["rootfs"]["diff_ids"] == [layer["digest"] for layer in manifest["layers"]]
     with (tmp_path / "pulled.gguf").open("wb") as f:
         assert oci.read_blob_to(client, repo, manifest["layers"][0]["digest"], f) == want
@@ -106,12 +108,12 @@ def test_model_artifacts_pull_back_byte_identical(pushed, tmp_path):
           f"{pack_size} B + config {pack['config']['size']} B (ModelPack)")  # fmt: skip
 
 
-def _answer(port: int) -> str:
+def _answer(port: int, model: str) -> str:
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0, timeout=60)
     deadline = time.monotonic() + 180
     while True:
         try:
-            out = client.chat.completions.create(model="model", max_tokens=24, temperature=0,
+            out = client.chat.completions.create(model=model, max_tokens=24, temperature=0,
                                                  messages=[{"role": "user", "content": PROMPT}])  # fmt: skip
             return out.choices[0].message.content
         except openai.APIError:
@@ -129,16 +131,18 @@ def test_engine_with_mounted_weights_answers_like_the_baked_image(pushed, tmp_pa
     finally:
         docker("rm", "-f", "e2e-oci-w", check=False)
     os.chmod(weights, 0o755)
-    runs = {"baked": (18301, [spec.image("llamacpp")]),
-            "engine": (18302, ["-v", f"{weights}:/models:ro", spec.engine_image("llamacpp")])}  # fmt: skip
+    served = spec.served_model_name or "model"
+    runs = {"baked": (18301, base_name(served, list(spec.adapters)), [spec.image("llamacpp")]),
+            "engine": (18302, served, ["-e", f"LLAMA_ARG_ALIAS={served}", "-v", f"{weights}:/models:ro",
+                                       spec.engine_image("llamacpp")])}  # fmt: skip
     answers = {}
-    for name, (port, args) in runs.items():
+    for name, (port, model, args) in runs.items():
         container = f"e2e-oci-{name}"
         docker("rm", "-f", container, check=False)
         docker("run", "-d", "--name", container, "-p", f"127.0.0.1:{port}:{LLAMACPP.port}",
                "-e", f"{LLAMACPP.api_key_var}={API_KEY}", *args)  # fmt: skip
         try:
-            answers[name] = _answer(port)
+            answers[name] = _answer(port, model)
         finally:
             docker("rm", "-f", container, check=False)
     assert answers["engine"] and answers["engine"] == answers["baked"], answers
