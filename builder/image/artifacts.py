@@ -60,8 +60,9 @@ class ModelFiles:
 
 
 def model_folder_files(spec: BuildSpec) -> tuple[Path | None, Path | None]:
-    """(license, chat template) of a local model folder; (None, None) for a hub model."""
-    if spec.model_source != "local":
+    """(license, chat template) of a local model folder; (None, None) for a hub model, or no MODEL (a push
+    names the build by NAME and TAG alone)."""
+    if not spec.model or spec.model_source != "local":
         return None, None
     folder = Path(spec.model)
     license_file = next((folder / n for n in LICENSE_FILES if (folder / n).is_file()), None)
@@ -104,7 +105,7 @@ def modelpack_config(spec: BuildSpec, header: GgufHeader, files: ModelFiles, lay
             "paramSize": parameter_label(header.parameters, spaced=False),
             "quantization": files.quant.lower(),
         },
-        "modelfs": {"type": "layers", "diff_ids": [layer["digest"] for layer in layers]},
+        "modelfs": {"type": "layers", "diffIds": [layer["digest"] for layer in layers]},
     }
 
 

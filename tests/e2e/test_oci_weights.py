@@ -53,7 +53,12 @@ def pushed(docker_engine, local_bases, demo_models, local_registry, tmp_path_fac
     finally:
         os.chdir(cwd)
     print(f"build+push {time.monotonic() - t0:.0f}s, registry grew {grown} B")
-    yield {"spec": spec, "refs": refs, "tmp": tmp, "pushed": json.loads((tmp / "build" / NAME / "pushed.json").read_text())}
+    yield {
+        "spec": spec,
+        "refs": refs,
+        "tmp": tmp,
+        "pushed": json.loads((tmp / "build" / NAME / "pushed.json").read_text()),
+    }
     for ref in [spec.image("llamacpp"), spec.weights_image(), spec.lora_image("tuned")]:
         docker("rmi", "-f", ref, check=False)
 
