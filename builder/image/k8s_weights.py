@@ -22,8 +22,9 @@ from typing import Any
 from builder import backends
 from builder.image import push
 from builder.image.k8s import Workload, labels, workload
-from builder.model.gguf.router import BASE_GGUF, LORA_DIR, models_max, router_preset
-from builder.spec import BuildSpec
+from builder.model.gguf.router import BASE_GGUF, LORA_DIR, base_name, models_max, router_preset
+from builder.selection import select_backends, served_adapters
+from builder.spec import BuildSpec, read_model_config
 
 ADAPTERS = "/adapters"  # where each adapter image is mounted, /adapters/NAME
 PRESET_DIR = "/etc/llama-server"  # the router preset's ConfigMap
@@ -40,13 +41,22 @@ def adapter_path(name: str) -> str:
     return f"{ADAPTERS}/{name}/{name}.gguf"
 
 
+def mounted_adapters(spec: BuildSpec, backend: str) -> list[str]:
+    """The adapters `make image` builds an image for (those `backend` serves unmerged), by served name: decided
+    as the build decides with a local MODEL; otherwise every adapter the spec names unless LORA=merge."""
+    config = read_model_config(spec) if spec.model else None
+    if config is not None:
+        return list(select_backends(spec, config).served_by(backend))
+    return [] if spec.lora_mode == "merge" else list(served_adapters(spec))
+
+
 def image_volume_workload(spec: BuildSpec, b: backends.Backend, pushed: dict[str, str]) -> tuple[Workload, str]:
     """(the Deployment's workload, the router preset or "" without adapters)."""
     base = workload(spec, b, pushed)
     all_labels, selector = labels(spec, f"{b.name}-image-volume", "server")
     weights = _pin(spec.weights_image(), pushed.get(push.WEIGHTS, ""))
     mounts = [_image_volume("weights", weights, "/models", WEIGHTS_SUBPATH)]
-    names = list(spec.adapters)
+    names = mounted_adapters(spec, b.name)
     for i, name in enumerate(names):
         ref = _pin(spec.lora_image(name), pushed.get(push.LORA + name, ""))
         mounts.append(_image_volume(f"lora-{i}", ref, f"{ADAPTERS}/{name}", LORA_DIR.lstrip("/")))
@@ -80,12 +90,13 @@ def _image_volume(name: str, ref: str, mount: str, sub_path: str) -> dict:
 
 
 def kserve_values(spec: BuildSpec, b: backends.Backend, w: Workload, pushed: dict[str, str]) -> dict[str, Any]:
-    """The ServingRuntime's container and the InferenceService's storageUri (base weights; adapters stay with
-    the image-volume Deployment)."""
+    """The ServingRuntime's container and the InferenceService's storageUri (the base weights, served under the
+    base's name; adapters stay with the image-volume Deployment)."""
     weights = _pin(spec.weights_image(), pushed.get(push.WEIGHTS, ""))
+    served = base_name(spec.served_model_name or "model", mounted_adapters(spec, b.name))
     env = [e for e in w.env if not e["name"].startswith("LLAMA_ARG_MODEL") and e["name"] != "LLAMA_ARG_ALIAS"]
     env += [{"name": "LLAMA_ARG_MODEL", "value": f"{KSERVE_MODELS}/{BASE_GGUF.rsplit('/', 1)[1]}"},
-            {"name": "LLAMA_ARG_ALIAS", "value": spec.served_model_name or "model"}]  # fmt: skip
+            {"name": "LLAMA_ARG_ALIAS", "value": served}]  # fmt: skip
     return {
         "runtime": f"{spec.name}-{b.name}",
         "isvc": f"{spec.name}-{b.name}",

@@ -29,6 +29,7 @@ from builder.errors import BuilderError
 from builder.image import artifacts
 from builder.image.docker import Docker
 from builder.model.gguf.router import BASE_GGUF, lora_path
+from builder.selection import served_adapters
 from builder.spec import BuildSpec
 
 console = Console(stderr=True)
@@ -108,7 +109,7 @@ def mounted_refs(spec: BuildSpec, backend: str) -> dict[str, str]:
     return {
         f"{backend}-engine": spec.engine_image(backend),
         WEIGHTS: spec.weights_image(),
-        **{f"{LORA}{name}": spec.lora_image(name) for name in spec.adapters},
+        **{f"{LORA}{name}": spec.lora_image(name) for name in served_adapters(spec)},
     }
 
 

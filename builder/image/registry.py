@@ -3,7 +3,7 @@
 
 Plain HTTP for loopback registries (localhost, 127.x, [::1]: what Docker allows without TLS), HTTPS elsewhere.
 Credentials: the `auths` entries of the Docker client's config.json (`docker login` without a credential
-helper); a registry that answers 401 gets them as Basic auth, or through its Bearer token endpoint.
+store); a registry that answers 401 gets them as Basic auth, or through its Bearer token endpoint.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _loopback(host: str) -> bool:
 
 
 def _docker_credentials(host: str) -> str | None:
-    """The base64 user:password `docker login` stored for `host` (None: none, or kept by a helper)."""
+    """The base64 user:password `docker login` stored for `host` (None: none, or kept in a credential store)."""
     config = Path(os.environ.get("DOCKER_CONFIG", Path.home() / ".docker")) / "config.json"
     try:
         auths = json.loads(config.read_text()).get("auths", {})

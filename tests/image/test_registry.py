@@ -48,9 +48,9 @@ def test_credentials_from_the_docker_config(tmp_path, monkeypatch):
     assert oci._docker_credentials("r.example") is None  # no config.json
     auth = base64.b64encode(b"user:pass").decode()
     (tmp_path / "config.json").write_text(json.dumps({"auths": {
-        "https://r.example": {"auth": auth}, "helper.example": {}}, "credsStore": "desktop"}))  # fmt: skip
+        "https://r.example": {"auth": auth}, "store.example": {}}, "credsStore": "desktop"}))  # fmt: skip
     assert oci._docker_credentials("r.example") == auth
-    assert oci._docker_credentials("helper.example") is None  # kept by a credential helper: not read
+    assert oci._docker_credentials("store.example") is None  # kept in a credential store: not read
     (tmp_path / "config.json").write_text("{not json")
     assert oci._docker_credentials("r.example") is None
 
