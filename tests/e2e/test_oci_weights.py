@@ -210,6 +210,13 @@ def test_model_artifacts_pushed_again_add_only_their_json(pushed, tmp_path):
     assert grown < json_bytes + 4096 * len(again) and grown < gguf / 4
 
 
+def _by_digest(ref: str) -> str:
+    """`host/repo:tag@sha256:...` as `host/repo@sha256:...`: the image the digest names (as the kubelet pulls it)."""
+    name, digest = ref.split("@", 1)
+    repo = name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
+    return f"{repo}@{digest}"
+
+
 def _router_ready(port: int, timeout: float = 180) -> openai.OpenAI:
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0, timeout=60)
     deadline = time.monotonic() + timeout
@@ -241,7 +248,7 @@ def test_image_volume_deployment_run_in_docker_answers_like_the_baked_image(push
         if "image" in source:
             ref = source["image"]["reference"]
             assert "@sha256:" in ref, f"{m['name']}: not pinned by the pushed digest"
-            _copy_out(ref, "/" + m["subPath"], tmp_path / m["name"])
+            _copy_out(_by_digest(ref), "/" + m["subPath"], tmp_path / m["name"])
             os.chmod(tmp_path / m["name"], 0o755)
             args += ["-v", f"{tmp_path / m['name']}:{m['mountPath']}:ro"]
         elif "configMap" in source:
@@ -259,7 +266,7 @@ def test_image_volume_deployment_run_in_docker_answers_like_the_baked_image(push
     names = [base_name(served, list(spec.adapters)), *spec.adapters]
     answers = {}
     for kind, (port, image, more) in {"baked": (18303, spec.image("llamacpp"), []),
-                                      "image-volume": (18304, c["image"], args)}.items():  # fmt: skip
+                                      "image-volume": (18304, _by_digest(c["image"]), args)}.items():  # fmt: skip
         container = f"e2e-oci-{kind}"
         docker("rm", "-f", container, check=False)
         docker("run", "-d", "--name", container, "-p", f"127.0.0.1:{port}:{LLAMACPP.port}",
