@@ -156,11 +156,20 @@ def render(out: Path, **flags) -> None:
     default=None,
     help="Digests `builder push` verified (default: build/NAME/pushed.json); pins the images.",
 )
-def k8s(out: Path, pushed: Path | None, **flags) -> None:
+@click.option(
+    "--weights",
+    type=click.Choice(["baked", "image-volume"]),
+    default="baked",
+    show_default=True,
+    help="image-volume: also the engine + weights-image Deployments (image volumes) and a KServe pair.",
+)
+def k8s(out: Path, pushed: Path | None, weights: str, **flags) -> None:
     """Render Kubernetes manifests: a kustomize base per backend, Xinference's cluster, an overlay example."""
+    from builder.image import k8s_weights
     from builder.image.k8s import render_k8s
 
-    paths = render_k8s(_spec(flags, resolve=False), out, pushed)
+    extras = k8s_weights.render if weights == "image-volume" else None
+    paths = render_k8s(_spec(flags, resolve=False), out, pushed, extras=extras)
     kustomizations = [p for p in paths if p.name == "kustomization.yaml" and "kind: Component" not in p.read_text()]
     for base in sorted(p.parent for p in kustomizations):
         click.echo(f"{base}\tkubectl apply -k {base}")

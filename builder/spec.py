@@ -299,8 +299,36 @@ class _BuildSpec(BaseModel):
 
     def image(self, backend: str) -> str:
         """`[REGISTRY/]NAME-BACKEND:TAG`, the reference `builder build` tags and compose runs."""
-        prefix = f"{self.registry.rstrip('/')}/" if self.registry else ""
-        return f"{prefix}{self.name}-{backend}:{self.tag}"
+        return f"{self._prefix}{self.name}-{backend}:{self.tag}"
+
+    @property
+    def _prefix(self) -> str:
+        return f"{self.registry.rstrip('/')}/" if self.registry else ""
+
+    def engine_image(self, backend: str) -> str:
+        """`[REGISTRY/]BACKEND-engine:PIN`: the backend's runtime without weights (serves what is mounted at
+        /models); the same for every model, tagged by the engine's pin."""
+        return f"{self._prefix}{backend}-engine:{backends.get(backend).engine_tag(self)}"
+
+    def weights_image(self) -> str:
+        """`[REGISTRY/]NAME-weights:TAG`: FROM scratch, /models/model.gguf, the runtime images' weights layer."""
+        return f"{self._prefix}{self.name}-weights:{self.tag}"
+
+    def lora_image(self, adapter: str) -> str:
+        """`[REGISTRY/]NAME-lora:TAG-ADAPTER` (`:` in the name as `_`): one adapter's GGUF LoRA layer."""
+        return f"{self._prefix}{self.name}-lora:{self._suffixed_tag(adapter)}"
+
+    def model_artifact(self, adapter: str | None = None, flavour: str = "") -> str:
+        """`[REGISTRY/]NAME-model:TAG[-ADAPTER][-FLAVOUR]`: the GGUF as a model artifact (Docker's model
+        format; `flavour` "modelpack": CNCF ModelPack), with one adapter's LoRA when `adapter` is named."""
+        tag = self._suffixed_tag(adapter) if adapter else self.tag
+        return f"{self._prefix}{self.name}-model:{tag}{'-' + flavour if flavour else ''}"
+
+    def _suffixed_tag(self, adapter: str) -> str:
+        tag = f"{self.tag}-{adapter.replace(':', '_')}"
+        if not TAG.fullmatch(tag + "-modelpack"):  # the longest tag made of it
+            raise BuilderError(f"tag {self.tag!r} and adapter name {adapter!r} make too long an image tag (128)")
+        return tag
 
     @property
     def model_source(self) -> Literal["local", "huggingface", "modelscope"]:

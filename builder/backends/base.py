@@ -116,6 +116,9 @@ class Backend:
     demo: Optional[DemoBases] = None  # built and asked by `make demo`, on these bases
     serves_adapters: bool = False  # serves LoRA adapters unmerged (each a small layer over one base)
     hardware: Optional[str] = None  # where it runs, as the docs say it; None: from `gpu` and `cuda_base`
+    # also builds an engine image (the runtime without weights, serving what is mounted at /models) and a
+    # FROM-scratch weights image holding the runtime's own weights layer (templates: `engine`, `weights` targets)
+    mounted_weights: bool = False
     template_dir: Path = TEMPLATES
 
     @property
@@ -173,6 +176,10 @@ class Backend:
     def adapter_build_args(self, spec: BuildSpec, served: dict[str, Path]) -> dict[str, str]:
         """Build args its image needs to serve the adapters `served` ({name: folder}) unmerged."""
         return {}
+
+    def engine_tag(self, spec: BuildSpec) -> str:
+        """The tag of its engine image (mounted_weights): the engine's pin and how it was compiled."""
+        raise NotImplementedError(f"{self.title} has no engine image")
 
     # -- derived --------------------------------------------------------------------------------
 

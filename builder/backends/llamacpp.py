@@ -51,6 +51,15 @@ class LlamacppBackend(Backend):
 
         return {PRESET_FILE: router_preset(spec.served_model_name or "model", names)}
 
+    def engine_tag(self, spec: BuildSpec) -> str:
+        """llama.cpp's commit and its compile: COMMIT-avx2, COMMIT-all-variants, COMMIT-cuda[-ARCH...]."""
+        from builder.model.gguf.llamacpp import COMMIT
+
+        if self.uses_cuda(spec):
+            archs = spec.cuda_architectures
+            return f"{COMMIT}-cuda" + (f"-{archs.replace(';', '-')}" if archs else "")
+        return f"{COMMIT}-{spec.llamacpp_cpu}"
+
 
 BACKEND = LlamacppBackend(
     name="llamacpp",
@@ -70,5 +79,7 @@ BACKEND = LlamacppBackend(
     demo=DemoBases(local="local/debian:bookworm-slim"),
     # adapters unmerged: llama-server's router, one child per served name over one shared base GGUF layer
     serves_adapters=True,
+    # llamacpp-engine:COMMIT-CPU serves a mounted /models/model.gguf; NAME-weights:TAG holds the GGUF layer
+    mounted_weights=True,
     template_values={"lora_dir": LORA_DIR, "preset": PRESET, "preset_file": PRESET_FILE},
 )

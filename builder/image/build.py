@@ -209,8 +209,11 @@ class Job:
     selection: Selection
     secrets: dict[str, Path]
 
-    def run_target(self, backend: str, target: str = "runtime", output: Path | None = None, **extra: str) -> float:
-        """`docker build` of one backend's target (its image, or with `output` the target's files); seconds."""
+    def run_target(
+        self, backend: str, target: str = "runtime", output: Path | None = None, tag: str | None = None, **extra: str
+    ) -> float:
+        """`docker build` of one backend's target (its image, tagged `tag` or the spec's image, or with `output`
+        the target's files); seconds."""
         start = time.monotonic()
         suffix = "" if target == "runtime" else f"-{target}"
         with console.status(f"[bold]{backend}{suffix}[/]: starting") as status:
@@ -222,7 +225,7 @@ class Job:
             self.docker.build(
                 self.ctx,
                 self.root / f"Dockerfile.{backend}",
-                self.spec.image(backend),
+                tag or self.spec.image(backend),
                 {**build_args(self.spec, backend, self.merged, self.selection.served_by(backend)), **extra},
                 self.secrets,
                 log=self.root / "logs" / f"{backend}{suffix}.log",
@@ -231,6 +234,15 @@ class Job:
                 output=output,
             )
         return time.monotonic() - start
+
+
+def mounted_targets(spec: BuildSpec, backend: str, selection: Selection) -> dict[str, str]:
+    """{Dockerfile target: tag} of the images beside a mounted_weights backend's runtime: its engine (no
+    weights), the weights image and one image per adapter it serves unmerged (each holding the runtime's layer)."""
+    targets = {"engine": spec.engine_image(backend), "weights": spec.weights_image()}
+    for i, name in enumerate(selection.served_by(backend)):
+        targets[f"lora-weights-{i}"] = spec.lora_image(name)
+    return targets
 
 
 def measure_quality(job: Job, chosen: list[str]) -> tuple[list[QualityEntry], float]:
@@ -292,6 +304,10 @@ def build(
                 )
             )
             console.print(f"[green]built[/] {built[-1].image} in {seconds:.0f}s")
+            if backends.get(backend).mounted_weights:
+                for target, tag in mounted_targets(spec, backend, selection).items():
+                    job.run_target(backend, target, tag=tag)
+                    console.print(f"[green]built[/] {tag}")
     write_env(spec, chosen, env_file)
     table = Table(title="images")
     for col in ("backend", "image", "id", "size", "build time"):

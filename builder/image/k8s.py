@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ MARKER = "# Kubernetes manifests rendered by `builder k8s`"  # first line of out
 CPU_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
 GPU_RESOURCES = {"requests": {"cpu": "2", "memory": "16Gi"}, "limits": {"memory": "32Gi", "nvidia.com/gpu": "1"}}
 HPA = {"min": 1, "max": 4, "cpu_utilization": 75}
+# more bases beside the default ones: (spec, backends, pushed digests, put(path, template, **values)) -> README rows
+Extras = Callable[[BuildSpec, list[str], dict[str, str], Callable[..., None]], list[tuple[str, str]]]
 
 
 # --------------------------------------------------------------------------- decisions
@@ -341,9 +344,10 @@ def k8s_environment():
 
 
 def render_k8s_text(
-    spec: BuildSpec, names: list[str] | None = None, pushed: dict[str, str] | None = None
+    spec: BuildSpec, names: list[str] | None = None, pushed: dict[str, str] | None = None, extras: Extras | None = None
 ) -> dict[str, str]:
-    """{relative path: text} of every manifest."""
+    """{relative path: text} of every manifest; `extras` renders more bases beside them (`builder k8s --weights
+    image-volume`: builder/image/k8s_weights.py's render) and returns their README rows."""
     names = chosen_backends(spec) if names is None else names
     pushed = pushed or {}
     env = k8s_environment()
@@ -371,19 +375,21 @@ def render_k8s_text(
         for f in files:
             put(f"{topology.name}/{f}", f"{topology.name}/{f}.j2", **values)
         put(f"{topology.name}/kustomization.yaml", "kustomization.yaml.j2", w=values["supervisor"], resources=files)
+    rows = extras(spec, names, pushed, put) if extras else []
     put("overlays/registry-pull-secret/kustomization.yaml", "overlay.yaml.j2", workloads=workloads)
     put("overlays/registry-pull-secret/pull-secret.yaml", "pull-secret.yaml.j2")
-    put("README.md", "README.md.j2", workloads=workloads, topologies=[t for _, t in topologies], marker=MARKER)
+    put("README.md", "README.md.j2", workloads=workloads, topologies=[t for _, t in topologies], marker=MARKER,
+        rows=rows)  # fmt: skip
     return out
 
 
-def render_k8s(spec: BuildSpec, out: Path, pushed_file: Path | None = None) -> list[Path]:
+def render_k8s(spec: BuildSpec, out: Path, pushed_file: Path | None = None, extras: Extras | None = None) -> list[Path]:
     """Write every manifest under `out`, replacing a previous render as a whole (temp folder + rename).
 
     `out` belongs to the render: it must be absent, empty, or a previous render (its README.md
     starts with MARKER), so a mistyped --out never deletes anything else."""
     pushed = read_pushed(pushed_file if pushed_file is not None else push.pushed_file(spec))
-    files = render_k8s_text(spec, pushed=pushed)
+    files = render_k8s_text(spec, pushed=pushed, extras=extras)
     if out.exists() and any(out.iterdir()):
         readme = out / "README.md"
         if not (readme.is_file() and readme.read_text().startswith(MARKER)):

@@ -4,6 +4,12 @@ The digest the push reports is read back from the registry (`docker manifest ins
 client's own credentials) and compared; any mismatch or failure names the image and exits 2.
 The verified `ref@digest` of each backend is recorded in build/<name>/pushed.json, where
 `builder k8s` finds it to pin the manifests' images by digest.
+
+Beside a backend that serves mounted weights (llama.cpp), its engine image (`BACKEND-engine:PIN`, no weights),
+the weights image (`NAME-weights:TAG`, FROM scratch, the runtime's own GGUF layer: the registry already has
+it) and one image per adapter served unmerged (`NAME-lora:TAG-ADAPTER`) are pushed and recorded the same
+way (keys `BACKEND-engine`, `weights`, `lora:ADAPTER`), then the GGUF as model artifacts (`NAME-model`,
+builder/image/artifacts.py; keys `model:TAG...`).
 """
 
 from __future__ import annotations
@@ -11,17 +17,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
 
+from builder import backends
 from builder.backends import NAMES as BACKENDS
 from builder.errors import BuilderError
+from builder.image import artifacts
 from builder.image.docker import Docker
+from builder.model.gguf.router import BASE_GGUF, lora_path
+from builder.selection import served_adapters
 from builder.spec import BuildSpec
 
 console = Console(stderr=True)
+# pushed.json keys beside the backends': the weights image, each adapter's image, each model artifact (by tag)
+WEIGHTS, LORA, ARTIFACT = "weights", "lora:", "model:"
 
 
 def _manifest(docker: Docker, ref: str) -> dict:
@@ -50,7 +63,8 @@ def manifest_layers(docker: Docker, ref: str) -> dict[str, int]:
 
 
 def push(spec: BuildSpec, docker: Docker | None = None) -> dict[str, str]:
-    """Push each backend image that exists locally; returns {reference: digest}."""
+    """Push each backend image that exists locally (and beside a mounted_weights backend's, its engine, weights
+    and adapter images, and the model artifacts); returns {reference: digest}."""
     if not spec.registry:
         raise BuilderError("no registry: pass REGISTRY=host[:port][/namespace] (make push REGISTRY=...)")
     docker = docker or Docker.detect()
@@ -58,25 +72,89 @@ def push(spec: BuildSpec, docker: Docker | None = None) -> dict[str, str]:
     local = spec.model_copy(update={"registry": None})
     pushed: dict[str, str] = {}
     for backend in BACKENDS:
-        ref = spec.image(backend)
-        newest = newest_image(docker, [local.image(backend), ref])
-        if newest is None:
+        digest = push_image(spec, docker, backend, local.image(backend), spec.image(backend))
+        if digest is None:
             continue
-        if newest != ref:
-            docker.run("tag", newest, ref)
-        digest = docker.push(ref)
-        served = registry_digest(docker, ref)
-        if served != digest:
-            raise BuilderError(f"{ref}: pushed {digest} but the registry serves {served}")
-        console.print(f"[green]pushed[/] {ref}@{digest}")
-        print(f"{ref}@{digest}")
-        pushed[ref] = digest
-        record_pushed(spec, backend, f"{ref}@{digest}")
+        pushed[spec.image(backend)] = digest
+        if backends.get(backend).mounted_weights:
+            pushed.update(push_mounted(spec, docker, backend))
     if not pushed:
         raise BuilderError(
             f"no built image to push (looked for {', '.join(local.image(b) for b in BACKENDS)}): run make image first"
         )
     return pushed
+
+
+def push_image(spec: BuildSpec, docker: Docker, key: str, local_ref: str, ref: str) -> str | None:
+    """Push the newest of `local_ref` and `ref` as `ref`, verify the digest the registry serves, record it in
+    pushed.json under `key`; None when neither exists locally."""
+    newest = newest_image(docker, [local_ref, ref])
+    if newest is None:
+        return None
+    if newest != ref:
+        docker.run("tag", newest, ref)
+    digest = docker.push(ref)
+    served = registry_digest(docker, ref)
+    if served != digest:
+        raise BuilderError(f"{ref}: pushed {digest} but the registry serves {served}")
+    console.print(f"[green]pushed[/] {ref}@{digest}")
+    print(f"{ref}@{digest}")
+    record_pushed(spec, key, f"{ref}@{digest}")
+    return digest
+
+
+def mounted_refs(spec: BuildSpec, backend: str) -> dict[str, str]:
+    """{pushed.json key: reference} of the images beside a mounted_weights backend's runtime (`make image`
+    builds them): its engine, the weights, and one image per adapter (those built: the adapters it serves)."""
+    return {
+        f"{backend}-engine": spec.engine_image(backend),
+        WEIGHTS: spec.weights_image(),
+        **{f"{LORA}{name}": spec.lora_image(name) for name in served_adapters(spec)},
+    }
+
+
+def push_mounted(spec: BuildSpec, docker: Docker, backend: str, workdir: Path = Path("build")) -> dict[str, str]:
+    """Push the engine, weights and adapter images of `backend`, then the GGUF (and each adapter's LoRA GGUF)
+    as model artifacts."""
+    local = spec.model_copy(update={"registry": None})
+    pushed: dict[str, str] = {}
+    loras: dict[str, str] = {}
+    for key, ref in mounted_refs(spec, backend).items():
+        local_ref = dict(mounted_refs(local, backend))[key]
+        digest = push_image(spec, docker, key, local_ref, ref)
+        if digest is None:
+            console.print(f"[yellow]not built[/] {local_ref}: `make image` builds it")
+            continue
+        pushed[ref] = digest
+        if key.startswith(LORA):
+            loras[key.removeprefix(LORA)] = ref
+    if spec.weights_image() not in pushed:
+        return pushed
+    quant = backends.get(backend).quant_for(spec) or ""
+    folder = workdir / spec.name
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".artifact-") as tmp:
+        gguf = copy_out(docker, spec.weights_image(), BASE_GGUF, Path(tmp) / "model.gguf")
+        lora_files = {n: copy_out(docker, ref, lora_path(n), Path(tmp) / f"lora-{n}.gguf") for n, ref in loras.items()}
+        license_file, template = artifacts.model_folder_files(spec)
+        created = docker.inspect(spec.weights_image())["Created"]
+        files = artifacts.ModelFiles(gguf, quant, created, lora_files, license_file, template)
+        for ref, digest in artifacts.push_model(spec, files).items():
+            console.print(f"[green]pushed[/] model artifact {ref}@{digest}")
+            print(f"{ref}@{digest}")
+            record_pushed(spec, ARTIFACT + ref.rsplit(":", 1)[1], f"{ref}@{digest}")
+            pushed[ref] = digest
+    return pushed
+
+
+def copy_out(docker: Docker, image: str, path: str, dest: Path) -> Path:
+    """One file of a local image (one with no command: a weights image), copied to `dest`."""
+    cid = docker.run("create", image, "none").stdout.strip()
+    try:
+        docker.run("cp", f"{cid}:{path}", str(dest))
+    finally:
+        docker.run("rm", cid, check=False)
+    return dest
 
 
 def newest_image(docker: Docker, refs: list[str]) -> str | None:

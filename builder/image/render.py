@@ -76,8 +76,16 @@ def template_values(spec: BuildSpec, output: Output, selection: Selection | None
         "llama_cpp": llamacpp_build(spec, b),
         "gguf_toolchain": b.gguf_toolchain_base(spec) if b and b.serves_gguf(spec) else None,
         "served_adapters": list(selection.served_by(b.name)) if selection and b else [],
+        **(engine_values(spec, b) if b and b.mounted_weights else {}),
         **(b.template_values if b else {}),
     }
+
+
+def engine_values(spec: BuildSpec, backend: backends.Backend) -> dict[str, str]:
+    """The engine image's name in the Dockerfile's comments and labels (without the registry: the committed
+    Dockerfiles serve any)."""
+    repository, tag = spec.model_copy(update={"registry": None}).engine_image(backend.name).rsplit(":", 1)
+    return {"engine_repository": repository, "engine_tag": tag}
 
 
 def render_text(spec: BuildSpec, selection: Selection | None = None) -> dict[str, str]:

@@ -9,10 +9,13 @@ from builder.image.build import (
     build_args,
     build_secrets,
     digest_dir,
+    mounted_targets,
     prepare_context,
     read_env,
     write_env,
 )
+from builder.image.render import render_text
+from builder.selection import LoraPlan, Selection
 from builder.spec import BuildSpec
 
 
@@ -117,3 +120,44 @@ def test_env_file_names_the_smoke_checks_each_build_cannot_pass(tmp_path: Path):
     assert values["XINFERENCE_SMOKE_SKIP"] == "completions" and values["CHATGLMCPP_SMOKE_SKIP"] == ""
     write_env(BuildSpec(model="org/x"), ["xinference"], env)
     assert read_env(env)["XINFERENCE_SMOKE_SKIP"] == "" and "CHATGLMCPP_SMOKE_SKIP" not in read_env(env)
+
+
+# -- the images beside a mounted_weights backend's runtime (engine, weights, adapters) ---------------------
+
+
+def _stage(text: str, name: str) -> list[str]:
+    """The instructions of one stage of a rendered Dockerfile (continuation lines joined, comments dropped)."""
+    body = text[text.index(f" AS {name}\n") :].split("\nFROM ", 1)[0]
+    lines = body.replace("\\\n", " ").splitlines()[1:]
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _layers(instructions: list[str]) -> list[str]:
+    return [i for i in instructions if i.split(" ", 1)[0] in ("RUN", "COPY", "ADD")]
+
+
+def test_mounted_targets_are_stages_holding_the_runtime_layers():
+    adapters = {"sql": Path("/a/sql"), "chat": Path("/a/chat")}
+    spec = BuildSpec(adapters={k: str(v) for k, v in adapters.items()}, backends=["llamacpp"], name="m", tag="t")
+    served = Selection(["llamacpp"], lora={"llamacpp": LoraPlan("serve", "")}, adapters=adapters)
+    targets = mounted_targets(spec, "llamacpp", served)
+    assert targets == {"engine": spec.engine_image("llamacpp"), "weights": "m-weights:t",
+                       "lora-weights-0": "m-lora:t-sql", "lora-weights-1": "m-lora:t-chat"}  # fmt: skip
+    assert spec.engine_image("llamacpp").startswith("llamacpp-engine:")  # one per engine pin, not per model
+    merged = Selection(["llamacpp"], lora={"llamacpp": LoraPlan("merge", "")}, adapters=adapters)
+    assert set(mounted_targets(spec, "llamacpp", merged)) == {"engine", "weights"}
+
+    text = render_text(spec, served)["Dockerfile.llamacpp"]
+    runtime = _layers(_stage(text, "runtime"))
+    engine = _layers(_stage(text, "engine"))
+    # the engine's layers are the runtime's first ones (same instructions on the same base: the same layers);
+    # the runtime's other layers are the weights, each adapter and the router preset
+    assert engine and runtime[: len(engine)] == engine
+    weights = [_stage(text, t) for t in targets if t != "engine"]
+    assert text.count("FROM scratch AS weights\n") == 1 and all(len(w) == 1 for w in weights)
+    assert [w[0] for w in weights] == runtime[len(engine) : len(engine) + 3]
+    assert runtime[len(engine) + 3 :] == ["COPY llamacpp/preset.ini /models/preset.ini"]
+    # the engine serves /models/model.gguf, where the weights image puts it
+    assert weights[0] == ["COPY --from=gguf /w/ /"] and "--out /w/models/model.gguf" in text
+    assert "LLAMA_ARG_MODEL=/models/model.gguf" in " ".join(_stage(text, "engine"))
+    assert _stage(text, "runtime")[-1] == _stage(text, "engine")[-1] == 'ENTRYPOINT ["/opt/llama.cpp/llama-server"]'

@@ -103,7 +103,8 @@ def test_served_adapters_render_a_pinned_base_layer_and_one_layer_each(tiny):
         "COPY --from=lora-1 /w/ /",
         "COPY llamacpp/preset.ini /models/preset.ini",
     ]
-    env = text[text.index("\nENV LLAMA_ARG") :].split("\n\n")[0]
+    runtime = text[text.index("AS runtime") :]  # the engine stage above has its own ENV
+    env = runtime[runtime.index("\nENV LLAMA_ARG") :].split("\n\n")[0]
     assert "LLAMA_ARG_MODELS_PRESET=/models/preset.ini" in env and "LLAMA_ARG_MODELS_MAX=3" in env
     assert "LLAMA_ARG_MODEL=" not in env and "LLAMA_ARG_ALIAS" not in env and "LLAMA_ARG_OFFLINE=1" in env
 

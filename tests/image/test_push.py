@@ -1,11 +1,16 @@
 """builder push without a registry: which images, digest verification, failures name the image."""
 
 import json
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
+from _gguf_file import write_gguf
+from _oci_server import registry_server
 
 from builder.errors import BuilderError
+from builder.image import registry as oci
 from builder.image.push import manifest_layers, push, pushed_file
 from builder.spec import BuildSpec
 
@@ -101,3 +106,71 @@ def test_a_registry_tag_left_by_an_earlier_push_never_shadows_a_newer_build():
     docker = FakeDocker(local={"llm-xinference:t": old, "r:5000/llm-xinference:t": new})
     push(BuildSpec(registry="r:5000", tag="t"), docker)
     assert not any(call[0] == "tag" for call in docker.calls)
+
+
+class WeightsDocker(FakeDocker):
+    """Also the weights and adapter images' files: `docker create` + `docker cp` copy out real GGUFs."""
+
+    def __init__(self, local, files):
+        super().__init__(local)
+        self.files, self.containers = files, {}  # {(image, path): source file}, {container id: image}
+
+    def inspect(self, ref):
+        return {"Created": self.local[ref]}
+
+    def run(self, *args, check=True, env=None):
+        if args[0] == "create":
+            self.calls.append(args)
+            cid = f"c{len(self.containers)}"
+            self.containers[cid] = args[1]
+            return subprocess.CompletedProcess(args, 0, cid + "\n", "")
+        if args[0] == "cp":
+            self.calls.append(args)
+            cid, path = args[1].split(":", 1)
+            shutil.copyfile(self.files[(self.containers[cid], path)], args[2])
+            return subprocess.CompletedProcess(args, 0, "", "")
+        if args[0] == "rm":
+            self.calls.append(args)
+            del self.containers[args[1]]
+            return subprocess.CompletedProcess(args, 0, "", "")
+        return super().run(*args, check=check, env=env)
+
+
+def test_mounted_weights_images_and_model_artifacts_are_pushed_and_recorded(tmp_path):
+    gguf, lora = write_gguf(tmp_path / "base.gguf"), write_gguf(tmp_path / "lora.gguf", lora=True)
+    with registry_server() as (host, state):
+        spec = BuildSpec(registry=host, tag="t", adapters={"tuned": str(tmp_path)}, backends=["llamacpp"])
+        engine = spec.engine_image("llamacpp").split("/", 1)[1]
+        local = {"llm-llamacpp:t", engine, "llm-weights:t", "llm-lora:t-tuned"}
+        files = {(f"{host}/llm-weights:t", "/models/model.gguf"): gguf,
+                 (f"{host}/llm-lora:t-tuned", "/models/lora/tuned.gguf"): lora}  # fmt: skip
+        docker = WeightsDocker(local, files)
+        pushed = push(spec, docker)
+        manifests = {key[1] for key in state.manifests if not key[1].startswith("sha256:")}
+    images = [f"{host}/llm-llamacpp:t", f"{host}/{engine}", f"{host}/llm-weights:t", f"{host}/llm-lora:t-tuned"]
+    artifacts = [f"{host}/llm-model:t", f"{host}/llm-model:t-tuned", f"{host}/llm-model:t-modelpack"]
+    assert list(pushed) == images + artifacts
+    assert all(pushed[ref] == DIGEST for ref in images)  # what `docker push` reported and the registry serves
+    assert all(ref in docker.local for ref in images)  # each tagged for the registry, then pushed
+    assert manifests == {"t", "t-tuned", "t-modelpack"}
+    assert state.blobs[oci.sha256_file(gguf)] == gguf.read_bytes()
+    assert state.blobs[oci.sha256_file(lora)] == lora.read_bytes()
+    assert not docker.containers  # every container made to copy a file out is removed
+    assert not list(Path("build/llm").glob(".artifact-*"))  # nor any copied file left behind
+    recorded = json.loads(pushed_file(spec).read_text())
+    assert recorded == {
+        "llamacpp": f"{host}/llm-llamacpp:t@{DIGEST}",
+        "llamacpp-engine": f"{host}/{engine}@{DIGEST}",
+        "weights": f"{host}/llm-weights:t@{DIGEST}",
+        "lora:tuned": f"{host}/llm-lora:t-tuned@{DIGEST}",
+        **{f"model:{ref.rsplit(':', 1)[1]}": f"{ref}@{pushed[ref]}" for ref in artifacts},
+    }
+
+
+def test_without_a_weights_image_no_artifact_is_pushed(tmp_path, capsys):
+    spec = BuildSpec(registry="r.example:5000", tag="t", backends=["llamacpp"])
+    docker = WeightsDocker({"llm-llamacpp:t"}, {})
+    assert list(push(spec, docker)) == ["r.example:5000/llm-llamacpp:t"]
+    err = capsys.readouterr().err
+    assert "not built" in err and "llm-weights:t" in err
+    assert json.loads(pushed_file(spec).read_text()).keys() == {"llamacpp"}

@@ -129,7 +129,7 @@ def test_build_measures_first_writes_the_report_and_labels_the_image(tmp_path, f
     docker, calls = fake_docker
     spec = BuildSpec(model=str(_model(tmp_path, LLAMA)), backends="llamacpp", name="qtest")
     build(spec, workdir=tmp_path / "build", env_file=tmp_path / ".env", docker=docker)
-    quality_build, image_build = _builds(calls)
+    quality_build, image_build, *mounted = _builds(calls)
     assert quality_build[quality_build.index("--target") + 1] == "quality"
     assert (
         quality_build[quality_build.index("--output") + 1]
@@ -137,6 +137,11 @@ def test_build_measures_first_writes_the_report_and_labels_the_image(tmp_path, f
     )
     assert "-t" not in quality_build and _arg(quality_build, "QUANT") == "q4_k_m"
     assert image_build[image_build.index("--target") + 1] == "runtime"
+    # after the runtime, its engine and weights images (builder/image/build.py's mounted_targets)
+    assert [(b[b.index("--target") + 1], b[b.index("-t") + 1]) for b in mounted] == [
+        ("engine", spec.engine_image("llamacpp")), ("weights", "qtest-weights:latest"),
+    ]  # fmt: skip
+    assert all(_arg(b, "QUANT") == "q4_k_m" for b in mounted)  # the runtime's build args: its cached stages
     label = _arg(image_build, "QUALITY_SUMMARY")
     assert label == "q4_k_m: KL 0.0705, top-1 0.851, eval 5/6 (vs reference-f16.gguf)"
     [entry] = read_report(tmp_path / "build/qtest/quality.json")
@@ -171,7 +176,8 @@ def test_off_and_non_gguf_builds_skip_the_step(tmp_path, fake_docker):
     stale.write_text("[]")
     spec = BuildSpec(model=str(_model(tmp_path, LLAMA)), backends="llamacpp", quality="off")
     build(spec, workdir=tmp_path / "build", env_file=tmp_path / ".env", docker=docker)
-    [image_build] = _builds(calls)
+    image_build = _builds(calls)[0]
+    assert [b[b.index("--target") + 1] for b in _builds(calls)] == ["runtime", "engine", "weights"]
     assert _arg(image_build, "QUALITY_SUMMARY") == "" and not stale.exists()
     rendered = (tmp_path / "build/llm/Dockerfile.llamacpp").read_text()
     assert "AS quality" not in rendered and "llama-perplexity" not in rendered
