@@ -43,7 +43,7 @@ def make_random_qwen2_vl(out_dir: Path, *, version: str = "2", seed: int = 0, de
 
     out_dir = Path(out_dir)
     tok = build_bpe_tokenizer(out_dir, QWEN2_PAT_STR, SPECIAL_TOKENS, eos="<|im_end|>", chat_template=VL_CHAT_TEMPLATE)
-    ids = dict(zip(SPECIAL_TOKENS, tok.convert_tokens_to_ids(SPECIAL_TOKENS)))
+    ids = dict(zip(SPECIAL_TOKENS, tok.convert_tokens_to_ids(SPECIAL_TOKENS), strict=True))
     end, im_end = ids["<|endoftext|>"], ids["<|im_end|>"]
     text = dict(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
