@@ -108,7 +108,7 @@ def test_a_client_that_hangs_up_leaves_the_server_answering(served):
         "url": data_url(png_bytes(make_pixels(seed=1)))}}]}], "max_tokens": 64}).encode()  # fmt: skip
     for cut in (len(body) // 2, len(body)):  # mid-body, and right after sending a whole request
         with socket.create_connection((host, int(port))) as s:
-            head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             s.sendall((head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body[:cut])
     with urllib.request.urlopen(url + "/health", timeout=10) as r:
         assert r.status == 200
