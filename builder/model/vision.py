@@ -99,3 +99,48 @@ def parts_touched(lora_modules, full_tensors) -> dict[str, str]:
         if what:
             out[p] = ", ".join(what)
     return out
+
+
+# -- vLLM: where its LoRA loader puts an adapter's modules ------------------------------------------------------
+# vLLM's Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration (model_executor/models/qwen2_vl.py,
+# qwen2_5_vl.py): hf_to_vllm_mapper.orig_to_new_prefix, applied in this order to every LoRA tensor name after
+# `base_model.model.` (lora/utils.py parse_fine_tuned_lora_name), and get_mm_mapping()'s module prefixes. vLLM
+# checks a LoRA module's last name only (q_proj, ...): a module whose full name lands outside these prefixes is
+# loaded and never applied, and the server answers as the base does. tests/model/test_vision_vllm.py compares
+# these tables with the installed vLLM's source.
+VLLM_PREFIX_MAP = (
+    ("model.language_model.", "language_model.model."),
+    ("model.visual.", "visual."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.", "language_model.model."),
+)
+VLLM_PARTS = (
+    ("visual.merger.", PROJECTOR),
+    ("visual.", TOWER),
+    ("language_model.model.", LANGUAGE_MODEL),
+    ("language_model.lm_head.", LANGUAGE_MODEL),
+)
+# The vLLM classes with supports_tower_connector_lora = True among PROVEN (checked as above); the flag is
+# experimental in vLLM and not served with an image here, so such adapters are merged.
+VLLM_TOWER_CONNECTOR_LORA = tuple(PROVEN)
+
+
+def vllm_module(name: str) -> str:
+    """The module name vLLM's LoRA loader gives an adapter module (its own name in the adapter file)."""
+    name = name.removeprefix(_PEFT_PREFIX)
+    for old, new in VLLM_PREFIX_MAP:
+        if name.startswith(old):
+            name = new + name[len(old) :]
+    return name
+
+
+def vllm_part(name: str) -> str | None:
+    """The part of the model vLLM applies the LoRA of adapter module `name` to; None: none (never applied)."""
+    mapped = vllm_module(name)
+    return next((p for prefix, p in VLLM_PARTS if mapped.startswith(prefix)), None)
+
+
+def vllm_misplaced(adapter_modules) -> list[str]:
+    """The adapter's modules (names as in its weights file) that vLLM would load and never apply: their name
+    lands outside its language model, vision tower and projector, or in another part than the checkpoint's."""
+    return sorted(m for m in adapter_modules if vllm_part(m) is None or vllm_part(m) != part(m))
