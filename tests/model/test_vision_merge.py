@@ -5,6 +5,7 @@ layouts; adapters classified by the parts they change; backends without image in
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from builder.demo.tiny_vision import make_random_qwen2_vl
 from builder.errors import BuilderError
-from builder.model.adapter import read_adapter
+from builder.model.adapter import read_adapter, vllm_problems
 from builder.model.merge import merge_model
-from builder.model.vision import PROJECTOR, TOWER, canonical, part
+from builder.model.vision import PROJECTOR, TOWER, canonical, part, vllm_misplaced, vllm_module
 from builder.selection import select_backends
 from builder.spec import BuildSpec
 
@@ -101,3 +102,70 @@ def test_adapter_parts_and_what_each_backend_does(base, tmp_path):
         )
     with pytest.raises(BuilderError, match="text LLM"):
         select_backends(BuildSpec(model=str(base), backends=["xinference"]), config)
+
+
+def _rename_keys(adapter, rename):
+    f = adapter / "adapter_model.safetensors"
+    save_file({rename(k): v for k, v in load_file(f).items()}, f)
+    return adapter
+
+
+def test_vllm_serves_a_language_model_lora_unmerged_in_every_key_layout(base, tmp_path):
+    config = json.loads((base / "config.json").read_text())
+    new, _ = _adapter(base, tmp_path / "new", LM, "new")
+    old, _ = _adapter(base, tmp_path / "old", LM, "old")
+    swift = _rename_keys(_adapter(base, tmp_path / "swift", LM, "old")[0],
+                         lambda k: k.replace("base_model.model.model.", "base_model.model.language_model.model."))  # fmt: skip
+    for adapter in (new, old, swift):
+        facts = read_adapter(adapter, base)
+        assert facts.file_modules and vllm_misplaced(facts.file_modules) == []
+        sel = select_backends(BuildSpec(model=str(base), adapter=str(adapter), backends=["vllm"]), config)
+        assert sel.lora["vllm"].mode == "serve", (adapter.name, sel.lora["vllm"].reason)
+
+
+def test_vllm_merges_an_adapter_it_would_load_and_never_apply(base, tmp_path):
+    """Keys one level too deep (an adapter saved from a model wrapped twice): vLLM checks the last name only
+    (q_proj), loads them, applies them nowhere and answers as the base."""
+    config = json.loads((base / "config.json").read_text())
+    lm, _ = _adapter(base, tmp_path / "lm", LM, "new")
+    facts = read_adapter(lm, base)
+    deep = [m.replace("base_model.model.model.language_model.", "base_model.model.language_model.") for m in
+            facts.file_modules]  # fmt: skip
+    assert vllm_misplaced(deep) == sorted(deep)
+    assert vllm_module(deep[0]).startswith("language_model.layers.")  # not vLLM's language_model.model.layers
+    assert (
+        vllm_misplaced(["base_model.model.visual.blocks.0.attn.qkv", "base_model.model.model.visual.merger.mlp.0"])
+        == []
+    )
+    misplaced = replace(facts, file_modules=tuple(deep))
+    assert any("answer as the base does" in p for p in vllm_problems(misplaced))
+    assert not any("answer as the base does" in p for p in vllm_problems(facts))
+    assert (
+        select_backends(BuildSpec(model=str(base), adapter=str(lm), backends=["vllm"]), config).lora["vllm"].mode
+        == "serve"
+    )
+
+
+def test_make_spec_says_what_the_adapter_touches_and_what_each_backend_does(base, tmp_path):
+    from click.testing import CliRunner
+
+    from builder.cli import cli
+
+    tower, _ = _adapter(base, tmp_path / "tower", TOWER_TOO, "old")
+    lm, _ = _adapter(base, tmp_path / "lm", LM, "new")
+    runner = CliRunner()
+    out = runner.invoke(cli, ["spec", "--model", str(base), "--adapter", f"tower={tower}"])
+    assert out.exit_code == 0, out.output
+    text = out.output
+    assert "# VISION: Qwen2VLForConditionalGeneration" in text
+    assert "# ADAPTER tower changes: language model: LoRA on 8 module(s); vision tower: LoRA on 6 module(s); " \
+           "projector: LoRA on 2 module(s)" in text  # fmt: skip
+    assert "# BACKEND=auto skips chatglmcpp:" in text
+    assert "# BACKEND=auto skips xinference:" in text and "text LLM" in text
+    assert "# IMAGES on llamacpp: text GGUF" in text
+    lora_lines = [line for line in text.splitlines() if "merge" in line and "vision tower and projector" in line]
+    assert any("llamacpp" in line for line in lora_lines) and any("vllm" in line for line in lora_lines), text
+    out = runner.invoke(cli, ["spec", "--model", str(base), "--adapter", f"lm={lm}"])
+    assert out.exit_code == 0, out.output
+    assert "# ADAPTER lm changes: language model: LoRA on 8 module(s)\n" in out.output
+    assert "vision tower" not in out.output.split("# ADAPTER lm changes:")[1].splitlines()[0]
