@@ -113,3 +113,29 @@ def test_a_client_that_hangs_up_leaves_the_server_answering(served):
     with urllib.request.urlopen(url + "/health", timeout=10) as r:
         assert r.status == 200
     assert ask(url, data_url(png_bytes(make_pixels(seed=0))), n=2)["choices"][0]["message"]["content"]
+
+
+def test_a_language_model_lora_served_unmerged_answers_as_peft(served, tmp_path):
+    """The adapter's GGUF LoRA over the base's text GGUF and the base's own mmproj (what the image serves for a
+    LoRA on the language model) gives peft's greedy tokens with an image, and not the base's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from builder.model.gguf.lora import convert_lora
+    from tests._tiny_hf import randomize_adapter
+
+    folder, mmproj, url = served
+    base = AutoModelForImageTextToText.from_pretrained(str(folder), dtype="float32").eval()
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    randomize_adapter(pm, 5)
+    pm.save_pretrained(tmp_path / "adapter")
+    lora = convert_lora(tmp_path / "adapter", folder, tmp_path / "adapter.gguf", outtype="f32", quiet=True).path
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    pixels = make_pixels(seed=0)
+    want = tok.decode(reference_ids(folder, BEFORE, pixels, AFTER, n=8, model=pm.merge_and_unload().eval()))
+    base_answer = ask(url, data_url(png_bytes(pixels)))["choices"][0]["message"]["content"]
+    assert want != base_answer, "the LoRA does not change the answer: the test would prove nothing"
+    text = folder.parent / "model.gguf"
+    with llama_server(text, "--mmproj", str(mmproj), "--lora", str(lora), "--temp", "0") as lora_url:
+        got = ask(lora_url, data_url(png_bytes(pixels)))["choices"][0]["message"]["content"]
+    assert got == want, f"llama-server with the LoRA {got!r}, peft {want!r}"
