@@ -1,6 +1,6 @@
 # One command per job. Variables (all optional; unset ones fall back to SPEC's YAML, then defaults):
 #   MODEL=<folder|hub id>  ADAPTER=<lora folder | run folder | name=path,...>  LORA=auto|merge|serve
-#   BACKEND=auto|<comma list of backends>
+#   BACKEND=auto|<comma list of backends>  DEVICE=auto|cpu|cuda (auto: vLLM on CUDA, the others on CPU)
 #   QUANT=<type> (default: GGUF q4_k_m, GGML q8_0)  TAG=latest  REGISTRY=<host[:port]/ns>  NAME=llm  SPEC=<build.yaml>
 #   CA_BUNDLE=<pem>  WHEELHOUSE=<dir of wheels>
 SHELL := /bin/bash
@@ -16,13 +16,13 @@ HARNESS := scripts/harness.sh
 # the matching flag (builder/cli.py). A value is never pasted into a shell command line, and
 # $(value ...) hands it over unexpanded: spaces, quotes, `;`, `$(...)` and backticks arrive as
 # typed, and the spec then accepts or refuses them.
-SPEC_VARS := SPEC MODEL ADAPTER LORA BACKEND QUANT TAG REGISTRY NAME CA_BUNDLE WHEELHOUSE \
+SPEC_VARS := SPEC MODEL ADAPTER LORA BACKEND QUANT DEVICE TAG REGISTRY NAME CA_BUNDLE WHEELHOUSE \
 	QUALITY QUALITY_MIN_TOP1 EVAL QUANTS CALIBRATION
 $(foreach v,$(SPEC_VARS),$(eval export BUILDER_$(v) := $$(value $(v))))
 # ...and the variables themselves stay out of recipe environments, where Make would expand them.
 unexport $(SPEC_VARS)
 
-.PHONY: help venv test test-quality quality e2e spec image push up down smoke demo render k8s cluster-up cluster-down lint fmt clean wheelhouse llamacpp
+.PHONY: help venv test test-quality quality e2e spec image push up down smoke demo demo-vllm-cpu render k8s cluster-up cluster-down lint fmt clean wheelhouse llamacpp docs
 
 include mk/xinference.mk mk/xllamacpp.mk mk/vllm.mk
 
@@ -97,14 +97,25 @@ smoke: venv ## OpenAI API checks against every service that is up
 demo: venv wheelhouse ## build the embedded demo model, serve it, ask it the LoRA's question
 	$(BUILDER) demo
 
-lint: venv ## ruff (format + lint), hadolint the Dockerfiles (compose.yaml is validated by make test)
+demo-vllm-cpu: venv ## the demo's LoRAs served unmerged by vLLM on CPU (builds a 4 GB base first)
+	$(BUILDER) demo-vllm-cpu
+
+lint: venv ## ruff (format + lint), hadolint the Dockerfiles, generated docs fresh, the docs site in strict mode (compose.yaml: make test)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/hadolint Dockerfile.*
+	$(VENV)/bin/python -m builder.reference --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
+# The reference pages (docs/reference/, README's backend table) are generated from the code, then the
+# site is built into site/ (open site/index.html).
+docs: venv ## regenerate docs/reference/ from the code and build the docs site into site/
+	$(VENV)/bin/python -m builder.reference
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 fmt: venv ## ruff: format the tree and apply safe fixes
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
 clean: ## remove build outputs (not .venv)
-	rm -rf build .pytest_cache
+	rm -rf build .pytest_cache site

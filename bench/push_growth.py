@@ -1,4 +1,4 @@
-"""What a fine-tune costs in a registry (issue 19): build time and registry growth for a first and a second
+"""What a fine-tune costs in a registry: build time and registry growth for a first and a second
 fine-tune of the same base, merged (LORA=merge) vs served unmerged (LORA=serve), and the GGUF stored once
 when the llama.cpp and Xinference images both carry it. Prints figures, asserts nothing.
 

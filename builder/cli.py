@@ -9,6 +9,7 @@ reads as the value of the matching flag: a value is never pasted into a shell co
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -22,7 +23,8 @@ PathArg = click.Path(path_type=Path)
 
 
 class _Group(click.Group):
-    """Maps BuilderError, raised anywhere below, to its message and exit status, in one place."""
+    """Maps BuilderError, raised anywhere below, to its message and exit status, in one place (and a full
+    disk, which a user fixes too, to what to do about it)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -30,6 +32,14 @@ class _Group(click.Group):
         except BuilderError as e:
             error = click.ClickException(str(e))
             error.exit_code = e.exit_code
+            raise error from None
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            from builder.image.hints import disk_hint
+
+            error = click.ClickException(f"{e}\nwhat to do: {disk_hint()}")
+            error.exit_code = BuilderError.exit_code
             raise error from None
 
 
@@ -68,7 +78,21 @@ SPEC_OPTIONS: list[tuple[str, str, str | None, dict]] = [
     ("--registry", "registry", "REGISTRY", {"help": "Registry prefix."}),
     ("--build-base", "base_images__build", None, {"help": "Base image of the build stage."}),
     *[(f"--{name}-base", f"base_images__{name}", None, {}) for name in backends.NAMES],
-    ("--cuda/--no-cuda", "cuda", None, {"help": "Build the CUDA variant of backends that have one."}),
+    *[
+        (f"--{b.name}-cpu-base", f"base_images__{b.name}_cpu", None, {})
+        for b in backends.REGISTRY.values()
+        if b.cpu_base
+    ],
+    (
+        "--device",
+        "device",
+        "DEVICE",
+        {
+            "type": click.Choice(["auto", "cpu", "cuda"]),
+            "help": "Variant of each backend: auto (vLLM on CUDA, the others on CPU), cpu, cuda.",
+        },
+    ),
+    ("--cuda/--no-cuda", "cuda", None, {"help": "Build the CUDA variant of backends that have one (= --device cuda)."}),
     ("--cuda-architectures", "cuda_architectures", None, {}),
     ("--ca-bundle", "ca_bundle", "CA_BUNDLE", {"help": "CA bundle file, a BuildKit secret."}),
     ("--wheelhouse", "wheelhouse", "WHEELHOUSE", {"help": "Local wheels for pip inside the build."}),
@@ -163,6 +187,9 @@ def show_spec(**flags) -> None:
     for name, plan in selection.lora.items():
         names = f" {', '.join(selection.served_by(name))}" if plan.mode == "serve" else ""
         click.echo(f"# LORA on {name}: {plan.mode}{names} ({plan.reason})")
+    for name in selection.backends:
+        b = backends.get(name)
+        click.echo(f"# DEVICE of {name}: {b.device_for(spec)} (base {spec.runtime_base(name)})")
 
 
 @cli.command()
@@ -397,6 +424,14 @@ def demo() -> None:
     from builder.demo.quickstart import run_demo
 
     run_demo()
+
+
+@cli.command("demo-vllm-cpu")
+def demo_vllm_cpu() -> None:
+    """The demo's last step on vLLM's CPU variant: both LoRAs unmerged over the demo base, each name asked."""
+    from builder.demo.quickstart import run_vllm_cpu_demo
+
+    run_vllm_cpu_demo()
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ Quant = Literal[backends.QUANTS]  # type: ignore[valid-type]
 ModelHub = Literal["auto", "local", "huggingface", "modelscope"]
 LoraMode = Literal["auto", "merge", "serve"]
 QualityMode = Literal["auto", "on", "off"]
+Device = Literal["auto", "cpu", "cuda"]
 
 # OCI distribution-spec reference grammar (docker/distribution reference/regexp.go), anchored.
 _ALNUM = r"[a-z0-9]+"
@@ -77,21 +78,39 @@ class _BaseImages(BaseModel):
 BaseImages = create_model(
     "BaseImages",
     __base__=_BaseImages,
-    build=(str, "nvidia/cuda:12.8.1-devel-ubuntu24.04"),
-    **{b.name: (str, b.base_image) for b in backends.REGISTRY.values()},
-    **{f"{b.name}_cuda": (str, b.cuda_base) for b in backends.REGISTRY.values() if b.cuda_base},
+    build=(
+        str,
+        Field("nvidia/cuda:12.8.1-devel-ubuntu24.04", description="Base of the build stage (fetch, merge, convert)"),
+    ),
+    **{
+        b.name: (str, Field(b.base_image, description=f"Runtime base of the {b.title} image"))
+        for b in backends.REGISTRY.values()
+    },
+    **{
+        f"{b.name}_cuda": (str, Field(b.cuda_base, description=f"Runtime base of the {b.title} image's CUDA variant"))
+        for b in backends.REGISTRY.values()
+        if b.cuda_base
+    },
+    **{
+        f"{b.name}_cpu": (str, Field(b.cpu_base, description=f"Runtime base of the {b.title} image's CPU variant"))
+        for b in backends.REGISTRY.values()
+        if b.cpu_base
+    },
 )
 
 # Host ports compose publishes on 127.0.0.1 (containers listen on the registry's port numbers).
 Ports = create_model(
     "Ports",
     __config__=ConfigDict(extra="forbid"),
-    **{b.name: (int, Field(b.port, ge=1, le=65535)) for b in backends.REGISTRY.values()},
+    **{
+        b.name: (int, Field(b.port, ge=1, le=65535, description=f"Host port of the {b.title} service"))
+        for b in backends.REGISTRY.values()
+    },
 )
 
 
 class _BuildSpec(BaseModel):
-    """What to build. Field docs double as the README's reference table. Each backend's own options
+    """What to build. Field descriptions are the reference page's (builder/reference.py). Each backend's own options
     are added below as `<backend>_<option>` fields (BuildSpec)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -102,7 +121,9 @@ class _BuildSpec(BaseModel):
     )
     revision: str | None = Field(None, description="Hub revision (default: main on Hugging Face, master on ModelScope)")
     adapter: Path | None = Field(
-        None, description="LoRA adapter folder (peft or SWIFT checkpoint-N), or a SWIFT run folder (every checkpoint)"
+        None,
+        description="LoRA adapter folder (peft or SWIFT checkpoint-N), a SWIFT run folder (every checkpoint-N "
+        "and best, each a served name), or NAME=PATH,NAME=PATH (which fills `adapters`)",
     )
     adapters: dict[str, Path] = Field(
         default_factory=dict,
@@ -114,12 +135,14 @@ class _BuildSpec(BaseModel):
         "auto: serve on every backend that can serve these adapters unmerged, merge elsewhere",
     )
     backends: list[Backend] | None = Field(
-        None, description="Backends to build; None = auto (every backend that supports the model)"
+        None,
+        description="Backends to build (comma list); unset or auto: every backend that supports the model "
+        "and can produce QUANT",
     )
     quant: Quant | None = Field(
         None,
-        description="Quantization for the backends that quantize; None: each format's default "
-        "(GGUF q4_k_m, chatglm.cpp's GGML q8_0)",
+        description="Quantization type for every backend that quantizes (a type a chosen backend cannot produce "
+        "is an error naming those that can); unset: each format's default (GGUF q4_k_m, chatglm.cpp's GGML q8_0)",
     )
     quality: QualityMode = Field(
         "auto",
@@ -138,9 +161,17 @@ class _BuildSpec(BaseModel):
     name: str = Field("llm", description="Image repository name; images are [REGISTRY/]NAME-BACKEND:TAG")
     tag: str = Field("latest", description="Image tag")
     registry: str | None = Field(None, description="Registry prefix, e.g. ghcr.io/acme or 127.0.0.1:5000")
-    base_images: BaseImages = Field(default_factory=BaseImages)
+    base_images: BaseImages = Field(
+        default_factory=BaseImages,
+        description="Base image of each stage: `build`, one per backend, `<backend>_cuda`, `<backend>_cpu`",
+    )
+    device: Device = Field(
+        "auto",
+        description="Which variant of each backend to build: auto (vLLM on CUDA, the others on CPU), cpu (every "
+        "backend's CPU variant, vLLM's included), cuda (every backend's CUDA variant, where it has one)",
+    )
     cuda: bool = Field(
-        False, description="Build the CUDA variant of every backend that has one (chatglm.cpp: -DGGML_CUDA=ON)"
+        False, description="The older switch for device: cuda (build the CUDA variant of every backend that has one)"
     )
     cuda_architectures: str = Field("80;86;89;90", description="CMAKE_CUDA_ARCHITECTURES for the CUDA builds")
     ca_bundle: Path | None = Field(None, description="CA bundle for TLS-intercepting proxies (BuildKit secret)")
@@ -148,7 +179,7 @@ class _BuildSpec(BaseModel):
     hub_token_env: str = Field("HF_TOKEN", description="Environment variable holding the hub token (BuildKit secret)")
     api_key_env: str = Field("API_KEY", description="Compose variable holding the API key handed to every backend")
     trust_remote_code: bool = Field(False, description="Allow code from the model folder (vLLM, Xinference)")
-    ports: Ports = Field(default_factory=Ports)
+    ports: Ports = Field(default_factory=Ports, description="Host port of each backend's service, on 127.0.0.1")
 
     @field_validator("model")
     @classmethod
@@ -244,6 +275,16 @@ class _BuildSpec(BaseModel):
         return data
 
     @model_validator(mode="after")
+    def _device(self) -> _BuildSpec:
+        """`cuda: true` is `device: cuda`; `device: cuda` reads back as `cuda: true`."""
+        if self.cuda and self.device == "cpu":
+            raise ValueError("cuda: true asks for the CUDA variants, device: cpu for the CPU ones: give one")
+        if self.cuda and self.device == "auto":
+            object.__setattr__(self, "device", "cuda")
+        object.__setattr__(self, "cuda", self.device == "cuda")
+        return self
+
+    @model_validator(mode="after")
     def _served_default(self) -> _BuildSpec:
         if self.served_model_name is None and self.model:
             stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.model.rstrip("/")).name).strip("-.") or "model"
@@ -279,9 +320,14 @@ class _BuildSpec(BaseModel):
         return self.revision or ("master" if self.model_source == "modelscope" else "main")
 
     def runtime_base(self, backend: str) -> str:
-        """The runtime base image of `backend` (its CUDA variant's when `cuda` is on and it has one)."""
-        if self.cuda and backends.get(backend).cuda_base:
+        """The runtime base image of `backend`'s variant for `device` (its CUDA or CPU variant's base where it
+        has one of its own)."""
+        b = backends.get(backend)
+        variant = b.device_for(self)
+        if variant == "cuda" and b.cuda_base:
             return getattr(self.base_images, f"{backend}_cuda")
+        if variant == "cpu" and b.cpu_base:
+            return getattr(self.base_images, f"{backend}_cpu")
         return getattr(self.base_images, backend)
 
 

@@ -1,4 +1,4 @@
-# vLLM end-to-end tests (issue 7), included from the top Makefile.
+# vLLM end-to-end tests, included from the top Makefile.
 #
 # The local stand-in for vllm/vllm-openai:v0.33.0 (scripts/bases/vllm.Dockerfile: the real
 # vllm==0.33.0 with its CUDA torch, ~9 GB) is built only here, not by `make e2e`: HARNESS_BASES=vllm

@@ -1,4 +1,4 @@
-# Xinference test environment (issue 6), included from the top Makefile.
+# Xinference test environment, included from the top Makefile.
 #
 # xinference==4.1.0 cannot share the project venv: it pins click<8.2 and fastapi<0.137, while
 # transformers 5.24 needs huggingface-hub>=1.31, which needs click>=8.4.2. So it lives in its own

@@ -1,4 +1,4 @@
-# xllamacpp for the Xinference tests (issue 14), included from the top Makefile.
+# xllamacpp for the Xinference tests, included from the top Makefile.
 #
 # Xinference's llama.cpp engine imports xllamacpp (a prebuilt CPU wheel). It goes into its own folder,
 # which the tests put on the Xinference processes' PYTHONPATH, so the Xinference venv stays as pinned.

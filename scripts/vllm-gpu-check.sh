@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prove the vLLM image end to end on a machine with one NVIDIA GPU (issue 21): build it from the embedded
+# Prove the vLLM image end to end on a machine with one NVIDIA GPU: build it from the embedded
 # demo model + LoRA (`make image BACKEND=vllm`), serve it with docker compose, then ask it with the
 # official `openai` client: chat, streaming chat, stop strings, max_tokens, completions, usage
 # (tests/_openai_features.py) and the LoRA's answer (builder/demo/model.py). Prints what it saw; exits

@@ -1,4 +1,4 @@
-"""Helpers shared by test_serve.py and test_smoke.py (a plain module, no conftest): a tiny GLM-4 GGML
+"""Fixtures shared by test_serve.py and test_smoke.py (a plain module, no conftest): a tiny GLM-4 GGML
 file for a real chatglm_cpp.Pipeline, and an OpenAI server running in a thread on a free port.
 
 The GGML file comes from `builder.demo.tiny` + `builder.model.convert` (the project's own path). Only if those
@@ -23,7 +23,7 @@ _CACHE: dict[str, Path] = {}
 
 
 def tiny_ggml(tmp_path_factory) -> Path:
-    """A tiny random GLM-4 GGML file (f16), built once per test session."""
+    """A tiny random GLM-4 GGML file (f16), built once per pytest run."""
     if "ggml" not in _CACHE:
         out = tmp_path_factory.mktemp("tiny-ggml")
         try:

@@ -2,8 +2,8 @@
 
 `probe(url, model, key)` returns {feature: (ok, detail)} for: chat, streaming chat, stop strings,
 max_tokens ending with finish_reason "length", completions and usage. Tests assert on it per backend
-(and the README's feature table is these results): a backend's known gaps are listed where it is
-tested, so a fixed gap shows up as a failing "expected gap" too.
+against the gaps its record states (`Backend.openai_gaps`, which the docs' feature table is generated
+from), so a fixed gap shows up as a failing "expected gap" too.
 """
 
 from __future__ import annotations

@@ -30,13 +30,32 @@ def test_spec_fields_come_from_the_registry():
     assert set(Ports.model_fields) == set(backends.NAMES)
     assert {n for n in BaseImages.model_fields if n != "build"} == set(backends.NAMES) | {
         f"{b.name}_cuda" for b in RECORDS if b.cuda_base
-    }
+    } | {f"{b.name}_cpu" for b in RECORDS if b.cpu_base}
     spec = BuildSpec()
     for b in RECORDS:
         assert getattr(spec.ports, b.name) == b.port
         assert spec.runtime_base(b.name) == b.base_image
         if b.cuda_base:
             assert BuildSpec(cuda=True).runtime_base(b.name) == b.cuda_base
+            assert BuildSpec(device="cuda").runtime_base(b.name) == b.cuda_base
+        if b.cpu_base:
+            assert BuildSpec(device="cpu").runtime_base(b.name) == b.cpu_base
+        elif not b.gpu:  # a CPU backend's CPU variant is its default
+            assert BuildSpec(device="cpu").runtime_base(b.name) == b.base_image
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda"])
+def test_compose_reserves_a_gpu_exactly_for_the_cuda_variants(device):
+    spec = BuildSpec(device=device)
+    services = yaml.safe_load(render_text(spec)["compose.yaml"])["services"]
+    for b in RECORDS:
+        service = services[b.name]
+        assert ("deploy" in service) == b.uses_cuda(spec), (device, b.name)
+        cpu_engine = b.cpu_variant_of_gpu(spec)  # vLLM on CPU: shm, read-only root, no capabilities
+        assert ("shm_size" in service) == cpu_engine and ("ipc" in service) == (b.gpu and not cpu_engine)
+        if cpu_engine:
+            assert service["read_only"] is True and service["cap_drop"] == ["ALL"] and service["tmpfs"] == ["/tmp"]
+            assert "no-new-privileges:true" in service["security_opt"]
 
 
 @pytest.mark.parametrize("b", RECORDS, ids=lambda b: b.name)
@@ -72,7 +91,7 @@ def test_build_args_name_the_record_base_arg():
 
 
 def test_unset_quant_takes_each_format_default():
-    """GGUF q4_k_m, chatglm.cpp's GGML q8_0 (measured, docs/quality-notes.md); merged-weight images none; QUANT wins."""
+    """GGUF q4_k_m, chatglm.cpp's GGML q8_0 (measured, docs/quality.md); merged-weight images none; QUANT wins."""
     spec = BuildSpec(model="org/x")
     expected = {"llamacpp": "q4_k_m", "xinference": "q4_k_m", "chatglmcpp": "q8_0", "vllm": None}
     assert {name: backends.get(name).quant_for(spec) for name in expected} == expected

@@ -35,7 +35,8 @@ def imports(path: Path) -> set[str]:
 # Tiers, lowest first: a module imports its own tier and those below, never one above. `builder` and
 # builder.files ship in every image beside runtime; builder.errors (what a user can fix) serves the build
 # stage and the host; model is the build stage; spec (with the backend registry and selection) decides;
-# image renders and drives Docker; demo runs the whole pipeline; the CLI sits on top.
+# image renders and drives Docker; demo runs the whole pipeline; the CLI sits on top, and the
+# reference pages' generator reads them all.
 TIERS = (
     ("base", ("builder", "builder.files")),
     ("runtime", ("builder.runtime",)),
@@ -45,6 +46,7 @@ TIERS = (
     ("image", ("builder.image",)),
     ("demo", ("builder.demo",)),
     ("cli", ("builder.cli", "builder.__main__")),
+    ("docs", ("builder.reference",)),
 )
 
 
@@ -169,7 +171,7 @@ def _runtime_tree(tmp_path: Path, backend: str) -> Path:
             "xinference",
             ["builder.runtime.xinference.__main__", "builder.runtime.xinference.cluster", "builder.runtime.smoke"],
         ),
-        ("vllm", ["builder.runtime.vllm_boot", "builder.runtime.smoke"]),
+        ("vllm", ["builder.runtime.vllm_boot", "builder.runtime.vllm_limits", "builder.runtime.smoke"]),
     ],
 )
 def test_runtime_images_run_from_what_they_copy(tmp_path, backend, modules):

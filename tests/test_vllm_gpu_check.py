@@ -1,4 +1,4 @@
-"""scripts/vllm-gpu-check.sh (issue 21's GPU proof) without a GPU: shell-clean, and the Python it runs
+"""scripts/vllm-gpu-check.sh (the GPU proof) without a GPU: shell-clean, and the Python it runs
 against the served image compiles and finds every name it imports in this repository."""
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from builder.backends.base import (
+    OPENAI_FEATURES,
     REMOTE_CODE,
     Backend,
     DemoBases,
@@ -27,7 +28,7 @@ from builder.backends.base import (
 )
 
 __all__ = [
-    "BUILTIN", "REGISTRY", "NAMES", "QUANTS", "DEMO", "REMOTE_CODE", "Backend", "DemoBases", "Healthcheck",
+    "BUILTIN", "REGISTRY", "NAMES", "QUANTS", "DEMO", "OPENAI_FEATURES", "REMOTE_CODE", "Backend", "DemoBases", "Healthcheck",
     "NoOptions", "Topology", "bash_probe", "get", "http_probe",
 ]  # fmt: skip
 

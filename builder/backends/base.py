@@ -16,6 +16,16 @@ if TYPE_CHECKING:
     from builder.spec import BuildSpec
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "image" / "templates"
+# The OpenAI API features the tests probe with the official `openai` client (tests/_openai_features.py),
+# and how the reference page names them.
+OPENAI_FEATURES = {
+    "chat": "chat",
+    "chat_stream": "chat, streaming",
+    "stop": "`stop` strings",
+    "max_tokens_length": '`max_tokens` → `finish_reason: "length"`',
+    "completions": "`/v1/completions`",
+    "usage": "`usage` counts",
+}
 REMOTE_CODE = "the model needs remote code (auto_map in config.json): pass --trust-remote-code if you trust it"
 
 
@@ -89,8 +99,10 @@ class Backend:
     check_explicit: bool = True  # also refuse an explicit BACKEND= choice when `check` says no
     quants: tuple[str, ...] = ()  # QUANT types of its own format; () = it serves the merged weights as they are
     default_quant: Optional[str] = None  # its format's type when QUANT is unset (GGUF images: the GGUF default)
-    cuda_base: Optional[str] = None  # runtime base of its CUDA variant (spec.cuda), if it has one
-    gpu: bool = False  # needs an NVIDIA GPU to serve
+    cuda_base: Optional[str] = None  # runtime base of its CUDA variant (device: cuda), if it has one
+    gpu: bool = False  # its default variant needs an NVIDIA GPU to serve (device: auto builds that one)
+    cpu_base: Optional[str] = None  # runtime base of its CPU variant (device: cpu), for a backend whose default is GPU
+    cpu_shm_size: Optional[str] = None  # /dev/shm its CPU variant needs (compose shm_size, a k8s memory emptyDir)
     cache_volume: Optional[str] = None  # container path that compose backs with a named volume
     passthrough_env: tuple[str, ...] = ()  # host/.env variables compose hands to the container as they are
     tunables: tuple[tuple[str, str], ...] = ()  # (container variable, default): image ENV, overridable via .env
@@ -103,6 +115,7 @@ class Backend:
     topologies: tuple[Topology, ...] = ()
     demo: Optional[DemoBases] = None  # built and asked by `make demo`, on these bases
     serves_adapters: bool = False  # serves LoRA adapters unmerged (each a small layer over one base)
+    hardware: Optional[str] = None  # where it runs, as the docs say it; None: from `gpu` and `cuda_base`
     template_dir: Path = TEMPLATES
 
     @property
@@ -148,6 +161,15 @@ class Backend:
         """The smoke checks this build cannot pass (written to .env as <BACKEND>_SMOKE_SKIP)."""
         return frozenset()
 
+    def openai_variants(self) -> tuple[tuple[str, dict[str, Any]], ...]:
+        """(label, spec fields) of each build of it whose OpenAI features differ (an engine, say)."""
+        return ((self.title, {}),)
+
+    def openai_gaps(self, spec: BuildSpec) -> Optional[frozenset[str]]:
+        """The OPENAI_FEATURES this build's pinned server lacks, as the tests measure them with the official
+        openai client (their expected gaps come from here); None: not measured on this project's machines."""
+        return None
+
     def adapter_problems(self, facts: AdapterFacts) -> list[str]:
         """Why it cannot serve this adapter unmerged (empty: it can), each saying what to do instead."""
         return [] if self.serves_adapters else [f"{self.title} serves merged weights only"]
@@ -182,8 +204,30 @@ class Backend:
             return DEFAULT_QUANT
         return self.default_quant
 
+    def device_for(self, spec: BuildSpec) -> str:
+        """The variant this build makes, `cpu` or `cuda`: spec.device where it has that variant, `auto` its
+        default (CUDA for a GPU backend, else CPU); `cuda` keeps a CPU-only backend on CPU. A GPU backend
+        with no CPU variant cannot be built for `cpu` (the error says so)."""
+        if spec.device == "cpu":
+            if self.gpu and not self.cpu_base:
+                from builder.errors import BuilderError
+
+                raise BuilderError(f"{self.title} has no CPU variant: drop DEVICE=cpu or BACKEND={self.name}")
+            return "cpu"
+        if spec.device == "cuda":
+            return "cuda" if (self.gpu or self.cuda_base) else "cpu"
+        return "cuda" if self.gpu else "cpu"
+
     def uses_cuda(self, spec: BuildSpec) -> bool:
-        return self.gpu or (spec.cuda and self.cuda_base is not None)
+        return self.device_for(spec) == "cuda"
+
+    def kv_cache_gib(self, spec: BuildSpec) -> int:
+        """GiB of host memory its server reserves for the KV cache at start (a CPU engine's; 0: none fixed)."""
+        return 0
+
+    def cpu_variant_of_gpu(self, spec: BuildSpec) -> bool:
+        """This build is the CPU variant of a backend whose default is GPU (vLLM on CPU)."""
+        return self.gpu and self.device_for(spec) == "cpu"
 
     def startup_period(self) -> str:
         """How long the first start may take (model load, compile) before Kubernetes restarts it."""

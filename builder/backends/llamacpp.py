@@ -54,6 +54,10 @@ class LlamacppBackend(Backend):
             "of its own; llama-server --mmproj; adapters on the language model share both"
         )
 
+    def openai_gaps(self, spec: BuildSpec) -> Optional[frozenset[str]]:
+        # tests/demo/test_demo.py (llama-server on the host) and tests/e2e/test_pipeline.py (the image)
+        return frozenset()
+
     def adapter_problems(self, facts: AdapterFacts) -> list[str]:
         """What the pinned converter and llama-server cannot serve unmerged (DoRA, saved modules, ...)."""
         from builder.model.gguf.lora import llamacpp_problems

@@ -1,11 +1,12 @@
-"""vLLM: the model served by `vllm serve` on an NVIDIA GPU, LoRA adapters merged or served unmerged."""
+"""vLLM: the model served by `vllm serve` on an NVIDIA GPU (or, `device: cpu`, on x86/Arm CPUs), LoRA adapters
+merged or served unmerged."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 from pydantic import AfterValidator, Field
 
@@ -25,6 +26,13 @@ MAX_MODEL_LEN = r"auto|-1|[1-9][0-9]*|[0-9]+(\.[0-9]+)?[kKmMgG]"
 # CUDA-graph capture, KV-cache profiling. Minutes for a 7-9B model on one GPU; a large one takes longer.
 STARTUP_BUDGET = "1200s"
 
+# vLLM's CPU variant (device: cpu): upstream's CPU image of the same vLLM version as the GPU base. The two
+# pins move together.
+VLLM_VERSION = "0.33.0"
+CPU_BASE = f"vllm/vllm-openai-cpu:v{VLLM_VERSION}"
+# What VLLM_CPU_OMP_THREADS_BIND takes: auto, nobind, or CPU id lists (0-31, 0-15|16-31 for two ranks).
+THREADS_BIND = r"auto|nobind|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*(\|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)*"
+
 LORA_DIR = "/models/lora"  # adapter NAME served unmerged: /models/lora/NAME (adapter_config.json + weights)
 
 
@@ -42,6 +50,23 @@ class VllmOptions(NoOptions):
         "auto",
         description="vLLM's --max-model-len, the context its KV cache is sized for: auto (or -1) = the "
         "largest that fits in GPU memory, else tokens (4096, 32k, 32K); the image's LLM_MAX_MODEL_LEN",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="vLLM's --dtype (the image's LLM_DTYPE): auto = vLLM's choice, except on a CPU without "
+        "avx512_bf16, where 16-bit weights run slower than float32 and the CPU variant serves float32",
+    )
+    cpu_kvcache_space: int = Field(
+        4,
+        ge=1,
+        le=4096,
+        description="CPU variant: GiB of memory for the KV cache (VLLM_CPU_KVCACHE_SPACE); what the server "
+        "reserves at start besides the weights",
+    )
+    cpu_omp_threads_bind: Annotated[str, Field(pattern=rf"^(?:{THREADS_BIND})$")] = Field(
+        "auto",
+        description="CPU variant: cores vLLM's compute threads bind to (VLLM_CPU_OMP_THREADS_BIND): auto "
+        "(one NUMA node, leaving a core for the server), nobind, or CPU ids such as 0-7",
     )
 
 
@@ -67,7 +92,17 @@ class VllmBackend(Backend):
         )
 
     def tunables_for(self, spec: BuildSpec) -> tuple[tuple[str, str], ...]:
-        return (*self.tunables, ("LLM_MAX_MODEL_LEN", self.options_of(spec).max_model_len))
+        options = self.options_of(spec)
+        values = (*self.tunables, ("LLM_MAX_MODEL_LEN", options.max_model_len), ("LLM_DTYPE", options.dtype))
+        if self.cpu_variant_of_gpu(spec):
+            values += (
+                ("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kvcache_space)),
+                ("VLLM_CPU_OMP_THREADS_BIND", options.cpu_omp_threads_bind),
+            )
+        return values
+
+    def kv_cache_gib(self, spec: BuildSpec) -> int:
+        return self.options_of(spec).cpu_kvcache_space if self.cpu_variant_of_gpu(spec) else 0
 
     def adapter_problems(self, facts: AdapterFacts) -> list[str]:
         """What vLLM's PEFT loader refuses or would serve wrongly (DoRA, saved modules, rank over 512, ...);
@@ -89,7 +124,11 @@ BACKEND = VllmBackend(
     name="vllm",
     title="vLLM",
     description="merged model, `vllm serve`",
-    base_image="vllm/vllm-openai:v0.33.0",
+    base_image=f"vllm/vllm-openai:v{VLLM_VERSION}",
+    cpu_base=CPU_BASE,
+    # vLLM's CPU worker keeps its shared-memory ring buffers in /dev/shm (160 MiB for a small model; Docker's
+    # default 64 MB is refused at start)
+    cpu_shm_size="1g",
     base_arg="VLLM_BASE",
     port=8000,
     health_path="/health",
@@ -100,8 +139,15 @@ BACKEND = VllmBackend(
     gpu=True,
     cache_volume="/home/app/.cache",
     passthrough_env=("LLM_EXTRA_ARGS",),
+    # the bound on one request's work (builder/runtime/vllm_limits.py, docs/vllm-limits.md); 0: no bound
+    tunables=(
+        ("LLM_MAX_N", "16"),
+        ("LLM_MAX_TOKENS", "4096"),
+        ("LLM_MAX_BODY_BYTES", "4194304"),
+        ("LLM_MAX_LOGPROBS", "20"),
+    ),
     options=VllmOptions,
-    runtime_modules=("vllm_boot.py",),
+    runtime_modules=("vllm_boot.py", "vllm_limits.py"),
     # adapters unmerged: --enable-lora --lora-modules, each adapter a small layer over one base
     serves_adapters=True,
     template_values={"lora_dir": LORA_DIR},

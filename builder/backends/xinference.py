@@ -4,7 +4,7 @@ engine (the GGUF; the default), or its transformers or vLLM engine (the merged w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, get_args
 
 from pydantic import Field
 
@@ -84,6 +84,20 @@ class XinferenceBackend(Backend):
         """llama.cpp compiles on the llama.cpp image's base: one cached compile serves both images."""
         return LLAMACPP.gguf_toolchain_base(spec)
 
+    def openai_variants(self) -> tuple[tuple[str, dict[str, Any]], ...]:
+        choices = get_args(XinferenceOptions.model_fields["engine"].annotation)
+        return tuple((f"{self.title}, {engine} engine", {f"{self.name}_engine": engine}) for engine in choices)
+
+    def openai_gaps(self, spec: BuildSpec) -> Optional[frozenset[str]]:
+        # Xinference 4.1.0 per engine (tests/runtime/xinference/test_xinference_engines.py; the GGUF image
+        # again in tests/e2e/test_pipeline.py); the vLLM engine needs a GPU, which these tests do not have.
+        engine = self.options_of(spec).engine
+        if engine == "llama.cpp":
+            return frozenset()
+        if engine == "transformers":
+            return frozenset({"completions", "stop", "max_tokens_length", "usage"})
+        return None
+
     def smoke_gaps(self, spec: BuildSpec) -> frozenset[str]:
         # Xinference 4.1.0's transformers engine implements chat only (no /v1/completions); its
         # llama.cpp engine serves all of it (tests/runtime/test_xinference_engines.py).
@@ -93,7 +107,9 @@ class XinferenceBackend(Backend):
 BACKEND = XinferenceBackend(
     name="xinference",
     title="Xinference",
-    description="merged model, registered and launched at start",
+    description="the model registered and launched at start: the GGUF on its llama.cpp engine (default), "
+    "or the merged weights on its transformers or vLLM engine",
+    hardware="CPU (llama.cpp, transformers engines) or NVIDIA GPU (vLLM engine)",
     base_image="xprobe/xinference:v4.1.0",
     base_arg="XINFERENCE_BASE",
     port=9997,

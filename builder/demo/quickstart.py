@@ -6,11 +6,15 @@ with compose and asks each backend the prompt the LoRA changed: the LoRA's answe
 merge and conversion carried it through. Then it builds one more image, of the demo backends that serve
 adapters unmerged, with both LoRAs named over the one base, runs it with `docker run` and asks the
 base's name and each LoRA's the same prompt: three names, three lines.
+
+`make demo-vllm-cpu` runs that last step on vLLM's CPU variant (DEVICE=cpu): its base is a 4 GB image and
+a few minutes more, so the default demo leaves it out.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -95,17 +99,43 @@ def demo_spec_flags(models: Path) -> dict:
     return flags
 
 
+def _served_adapters(models: Path) -> dict[str, str]:
+    """{served name: LoRA folder} of the demo's two LoRAs (builder.demo.model.ADAPTERS, in order)."""
+    from builder.demo import model as demo
+
+    return {served: str(models / folder) for served, (folder, _, _) in zip(SERVED_ADAPTERS, demo.ADAPTERS, strict=True)}
+
+
 def adapters_spec_flags(flags: dict, models: Path) -> dict:
     """Step 5's spec from the first one's flags (`demo_spec_flags`: same bases, quant and options): the demo
     backends that serve adapters unmerged, both LoRAs named over the one base."""
-    from builder.demo import model as demo
-
     serving = [name for name in backends.DEMO if backends.get(name).serves_adapters]
-    adapters = {
-        served: str(models / folder) for served, (folder, _, _) in zip(SERVED_ADAPTERS, demo.ADAPTERS, strict=True)
-    }
     rest = {k: v for k, v in flags.items() if k != "adapter"}
-    return {**rest, "adapters": adapters, "lora_mode": "serve", "backends": ",".join(serving), "name": ADAPTERS_NAME}
+    return {
+        **rest,
+        "adapters": _served_adapters(models),
+        "lora_mode": "serve",
+        "backends": ",".join(serving),
+        "name": ADAPTERS_NAME,
+    }
+
+
+def vllm_cpu_spec_flags(models: Path) -> dict:
+    """Spec for `make demo-vllm-cpu`: both LoRAs served unmerged on vLLM's CPU variant, float32 (exact on every
+    CPU), a 1 GiB KV cache; the local stand-in base (scripts/bases/vllm-cpu.Dockerfile) where the harness can
+    build it, else upstream's CPU image."""
+    gpu_first = [name for name in backends.NAMES if backends.get(name).cpu_base]  # vLLM: a CPU variant of a GPU image
+    flags: dict = {"model": str(models / "base"), "adapters": _served_adapters(models), "lora_mode": "serve",
+                   "backends": ",".join(gpu_first), "device": "cpu", "vllm_dtype": "float32",
+                   "vllm_cpu_kvcache_space": 1, "quality": "off", "name": "demo-vllm-cpu"}  # fmt: skip
+    if _can_run_harness():
+        subprocess.run(["bash", str(HARNESS), "bases"], check=True, env={**os.environ, "HARNESS_BASES": "vllm-cpu"})
+        flags.update(base_images__build=BUILD_BASE_LOCAL, base_images__vllm_cpu="local/vllm-cpu:latest")
+    else:
+        flags["base_images__build"] = BUILD_BASE_PUBLIC
+    if HOST_CA.is_file():
+        flags["ca_bundle"] = str(HOST_CA)
+    return flags
 
 
 def expected_lines(spec: BuildSpec) -> dict[str, str]:
@@ -141,6 +171,20 @@ def run_demo() -> None:
         raise BuilderError("a backend did not give the LoRA's answer")
     console.rule("5/5 both LoRAs unmerged on the one base: one image, three names")
     if not ask_adapters(docker, load_spec(adapters_spec_flags(flags, models)), env):
+        raise BuilderError("a served name did not give its own line (the base's, or its LoRA's)")
+
+
+def run_vllm_cpu_demo() -> None:
+    from builder.demo import model as demo
+    from builder.spec import load_spec
+
+    docker = ensure_engine()
+    models = CACHE / "demo"
+    console.rule("1/2 train the demo model and its two LoRAs")
+    demo.build_demo(models)
+    console.rule("2/2 vLLM on CPU: both LoRAs unmerged on the one base, three names")
+    env = {"API_KEY": secrets.token_urlsafe(16)}
+    if not ask_adapters(docker, load_spec(vllm_cpu_spec_flags(models)), env):
         raise BuilderError("a served name did not give its own line (the base's, or its LoRA's)")
 
 
@@ -187,7 +231,8 @@ def ask_adapters(docker: Docker, spec: BuildSpec, env: dict[str, str]) -> bool:
         container = f"{spec.name}-{image.backend}"
         docker.run("rm", "-f", container, check=False)
         port = free_port()
-        docker.run("run", "-d", "--name", container, "-p", f"127.0.0.1:{port}:{record.port}",
+        shm = ["--shm-size", record.cpu_shm_size] if record.cpu_variant_of_gpu(spec) else []
+        docker.run("run", "-d", "--name", container, *shm, "-p", f"127.0.0.1:{port}:{record.port}",
                    "-e", record.api_key_var, image.image, env={record.api_key_var: key})  # fmt: skip
         try:
             url = f"http://127.0.0.1:{port}"
@@ -199,7 +244,8 @@ def ask_adapters(docker: Docker, spec: BuildSpec, env: dict[str, str]) -> bool:
 
 
 def _wait_loaded(docker: Docker, container: str, url: str, names: list[str], api_key: str) -> None:
-    """Until GET /v1/models lists every name with status "loaded" (llama-server's router loads each child)."""
+    """Until GET /v1/models lists every name with status "loaded" (llama-server's router loads each child; vLLM
+    lists only what it has loaded, with no status)."""
     from builder.runtime.smoke import SmokeError, request_json
 
     deadline, status = time.monotonic() + LOAD_TIMEOUT_S, {}
@@ -208,7 +254,7 @@ def _wait_loaded(docker: Docker, container: str, url: str, names: list[str], api
             try:
                 data = request_json(url, "/v1/models", api_key=api_key, timeout=10).get("data") or []
                 status = {m.get("id"): _status(m) for m in data if isinstance(m, dict)}
-                if all(status.get(name) == "loaded" for name in names):
+                if all(name in status and status[name] in ("loaded", None) for name in names):
                     return
             except SmokeError:
                 pass

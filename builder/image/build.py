@@ -300,5 +300,9 @@ def build(
         table.add_row(b.backend, b.image, b.image_id, f"{b.size_mb:.0f} MB", f"{b.seconds:.0f}s")
     console.print(table)
     quality.report_and_check(entries, quality_wall_s, spec.quality_min_top1, root / "quality.json")
-    console.print(f"compose settings written to {env_file}: `docker compose up -d --wait` starts them")
+    if spec.device == "auto":
+        console.print(f"compose settings written to {env_file}: `docker compose up -d --wait` starts them")
+    else:  # the committed compose.yaml is device auto's (vLLM reserves a GPU); this build's is in its folder
+        up = f"docker compose --env-file {env_file} -f {root / 'compose.yaml'} up -d --wait"
+        console.print(f"compose settings written to {env_file}: `{up}` starts them (device {spec.device})")
     return built

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.errors import BuilderError
+from builder.image.hints import PAGE, engine_hint, with_hint
 
 # Debian's docker.io client (20.10) still drives BuildKit itself under DOCKER_BUILDKIT=1.
 FALLBACK_CLIENT = "/usr/bin/docker"
@@ -54,7 +55,7 @@ class Docker:
                 return cls(client, buildx=False)
         raise BuilderError(
             "no docker client that can build with BuildKit: install the buildx plugin, or set DOCKER= to a "
-            f"client older than 23.0 (tried: {', '.join(seen) or 'none found'})"
+            f"client older than 23.0 (tried: {', '.join(seen) or 'none found'}); see {PAGE}#buildx"
         )
 
     # -- engine --------------------------------------------------------------------------------
@@ -63,11 +64,9 @@ class Docker:
         return _run([self.client, "info", "--format", "{{.ServerVersion}}"]).returncode == 0
 
     def require_engine(self) -> None:
-        if not self.ping():
-            raise BuilderError(
-                "no Docker engine answers: start one (`scripts/harness.sh engine-up` on Debian/Ubuntu as root, "
-                "or your Docker Desktop/daemon)"
-            )
+        res = _run([self.client, "info", "--format", "{{.ServerVersion}}"])
+        if res.returncode != 0:
+            raise BuilderError(engine_hint(res.stderr + res.stdout))
 
     # -- build ---------------------------------------------------------------------------------
 
@@ -111,11 +110,12 @@ class Docker:
             code = proc.wait()
         if code != 0:
             failure = parse_failure(lines)
-            raise BuilderError(
+            message = (
                 f"building {tag} failed in stage `{failure.stage}` at step `{failure.step}`\n"
                 + "\n".join(f"  | {t}" for t in failure.tail)
                 + f"\nfull log: {log}"
             )
+            raise BuilderError(with_hint(message, failure.tail or lines))
 
     # -- images --------------------------------------------------------------------------------
 
@@ -129,7 +129,8 @@ class Docker:
         """Push and return the manifest digest the registry reported."""
         res = _run([self.client, "push", ref])
         if res.returncode != 0:
-            raise BuilderError(f"pushing {ref} failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+            message = f"pushing {ref} failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}"
+            raise BuilderError(with_hint(message, [res.stderr, res.stdout]))
         match = re.search(r"digest: (sha256:[0-9a-f]{64})", res.stdout)
         if not match:
             raise BuilderError(f"pushing {ref}: the registry reported no digest")
@@ -138,14 +139,24 @@ class Docker:
     def run(self, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         res = _run([self.client, *args], env={**os.environ, **env} if env else None)
         if check and res.returncode != 0:
-            raise BuilderError(f"`docker {' '.join(args)}` failed: {res.stderr.strip()}")
+            raise BuilderError(with_hint(f"`docker {' '.join(args)}` failed: {res.stderr.strip()}", [res.stderr]))
         return res
 
     def compose(self, args: Iterable[str], project_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
+        args = list(args)
         res = _run([self.client, "compose", "--project-directory", str(project_dir), *args])
         if check and res.returncode != 0:
-            raise BuilderError(f"`docker compose {' '.join(args)}` failed:\n{res.stderr.strip()}")
+            message = f"`docker compose {' '.join(args)}` failed:\n{res.stderr.strip()}"
+            raise BuilderError(with_hint(message, [res.stderr], _env_file(project_dir / ".env")))
         return res
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a compose .env (none when it is missing), to name the variable of a taken port."""
+    if not path.is_file():
+        return {}
+    pairs = (line.partition("=") for line in path.read_text().splitlines() if "=" in line and line[:1] != "#")
+    return {key.strip(): value.strip() for key, _, value in pairs}
 
 
 _STEP = re.compile(r"^#(\d+) \[([\w.-]+)(?: \d+/\d+)?\] (.*)$")

@@ -92,7 +92,38 @@ def secret_name(spec: BuildSpec) -> str:
 
 
 def resources(spec: BuildSpec, b: backends.Backend) -> dict:
-    return GPU_RESOURCES if b.uses_cuda(spec) else CPU_RESOURCES
+    if b.uses_cuda(spec):
+        return GPU_RESOURCES
+    if b.cpu_variant_of_gpu(spec):
+        return cpu_engine_resources(spec, b)
+    return CPU_RESOURCES
+
+
+# Weight files of a Hugging Face folder (what the CPU engine loads into memory).
+WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt")
+
+
+def weight_bytes(spec: BuildSpec) -> int:
+    """Bytes of the local model's weight files; 0 for a hub model (unknown before the build)."""
+    folder = Path(spec.model) if spec.model else None
+    if folder is None or not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for pattern in WEIGHT_GLOBS for p in folder.glob(pattern) if p.is_file())
+
+
+def cpu_engine_resources(spec: BuildSpec, b: backends.Backend) -> dict:
+    """A GPU engine's CPU variant (vLLM on CPU) holds the weights and its KV cache in memory: request the
+    weights twice over (a 16-bit checkpoint is served float32 on CPUs without bf16), the KV cache
+    (the record's kv_cache_gib) and 2 GiB for the server; the limit leaves 2 GiB more. A hub model's
+    size is unknown here: patch the request in an overlay."""
+    request = math.ceil(2 * weight_bytes(spec) / 2**30 + b.kv_cache_gib(spec) + 2)
+    return {"requests": {"cpu": "2", "memory": f"{request}Gi"}, "limits": {"memory": f"{request + 2}Gi"}}
+
+
+def shm_quantity(size: str) -> str:
+    """compose's shm_size (`1g`, `512m`) as a Kubernetes quantity (`1Gi`, `512Mi`)."""
+    number, unit = re.fullmatch(r"([0-9]+)([kmg])", size).groups()
+    return f"{number}{unit.upper()}i" if unit != "k" else f"{number}Ki"
 
 
 def volumes(spec: BuildSpec, b: backends.Backend, home: dict | None = None) -> list[dict]:
@@ -106,6 +137,9 @@ def volumes(spec: BuildSpec, b: backends.Backend, home: dict | None = None) -> l
         found.append({"name": "cache", "mountPath": b.cache_volume, "source": {"emptyDir": {}}})
     if b.uses_cuda(spec):  # what compose's `ipc: host` gives: shared memory for the GPU runtime's workers
         found.append({"name": "dshm", "mountPath": "/dev/shm", "source": {"emptyDir": {"medium": "Memory"}}})
+    elif b.cpu_variant_of_gpu(spec) and b.cpu_shm_size:  # compose's shm_size: the CPU worker's ring buffers
+        shm = {"emptyDir": {"medium": "Memory", "sizeLimit": shm_quantity(b.cpu_shm_size)}}
+        found.append({"name": "dshm", "mountPath": "/dev/shm", "source": shm})
     return found
 
 

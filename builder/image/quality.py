@@ -24,7 +24,7 @@ from builder.spec import BuildSpec
 
 console = Console(stderr=True)
 # QUALITY=auto measures local models whose weight files total at most this: ~2B parameters at 16 bit.
-# Measured on 2 cores (docs/quality-notes.md): 135M ~1 min and < 0.5 GB, 0.9B ~4 min and 2 GB; a 7B reference
+# Measured on 2 cores (docs/quality.md): 135M ~1 min and < 0.5 GB, 0.9B ~4 min and 2 GB; a 7B reference
 # alone would be ~10 min and ~15 GB of RSS, so larger models are measured on request (QUALITY=on).
 AUTO_MAX_WEIGHT_BYTES = 4_500_000_000
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -257,9 +257,15 @@ def base_name(served_name: str, adapters: list[str]) -> str:
 
 def lora_argv(env: dict[str, str], modules: list[tuple[str, str]]) -> list[str]:
     """--enable-lora and its settings: every adapter loaded at start, as many in one batch as there are
-    ($LLM_MAX_LORAS), the smallest allowed --max-lora-rank that holds $LLM_MAX_LORA_RANK."""
+    ($LLM_MAX_LORAS), the smallest allowed --max-lora-rank that holds $LLM_MAX_LORA_RANK.
+
+    On CPU vLLM gets at least one slot more than there are adapters: its CPU LoRA kernels look up "no
+    adapter" (index -1) as the *last* slot, so with every slot taken a base-model request batched with
+    adapter requests is served with the last adapter applied. A spare slot stays empty (zero weights)."""
     argv = ["--enable-lora", "--lora-modules", *(f"{name}={path}" for name, path in modules)]
     max_loras = env.get("LLM_MAX_LORAS", "").strip() or str(len(modules))
+    if on_cpu(env) and max_loras.isdigit() and int(max_loras) <= len(modules):
+        max_loras = str(len(modules) + 1)
     argv += ["--max-loras", max_loras]
     rank = env.get("LLM_MAX_LORA_RANK", "").strip()
     if rank:
@@ -268,15 +274,84 @@ def lora_argv(env: dict[str, str], modules: list[tuple[str, str]]) -> list[str]:
     return argv
 
 
+def on_cpu(env: dict[str, str]) -> bool:
+    """The image is vLLM's CPU variant ($LLM_DEVICE, set by the image)."""
+    return env.get("LLM_DEVICE", "").strip().lower() == "cpu"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags (x86 `flags`, Arm `Features`), empty when unreadable."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def dtype_argv(env: dict[str, str], flags: set[str] | None = None) -> list[str]:
+    """--dtype from $LLM_DTYPE; `auto` (or unset) is vLLM's own choice, except on CPU: without avx512_bf16
+    (x86) or bf16 (Arm), 16-bit weights are converted on every matmul and run slower than float32."""
+    dtype = env.get("LLM_DTYPE", "").strip().lower() or "auto"
+    if dtype != "auto":
+        return ["--dtype", dtype]
+    if on_cpu(env):
+        flags = cpu_flags() if flags is None else flags
+        if not flags & {"avx512_bf16", "bf16"}:
+            return ["--dtype", "float32"]
+    return []
+
+
+# The middleware that refuses a request over the work limits (builder/runtime/vllm_limits.py).
+LIMITS_MIDDLEWARE = "builder.runtime.vllm_limits.RequestLimits"
+
+
+def model_max_new_tokens(model: str) -> int | None:
+    """The model's own default output length (generation_config.json max_new_tokens), if it has one."""
+    try:
+        value = json.loads((Path(model) / "generation_config.json").read_text()).get("max_new_tokens")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def limits_argv(env: dict[str, str], model: str) -> list[str]:
+    """The bound on one request's work: the middleware (it reads $LLM_MAX_N, $LLM_MAX_TOKENS,
+    $LLM_MAX_BODY_BYTES, $LLM_MAX_LOGPROBS itself, checked here first so a bad value stops the start with
+    its name), vLLM's --max-logprobs ($LLM_MAX_LOGPROBS, default 20, vLLM's own), $LLM_MAX_NUM_SEQS when
+    set (else vLLM's default for the device), and $LLM_MAX_TOKENS as the default output length of a
+    request that gives none (a smaller max_new_tokens of the model's generation_config.json stays)."""
+    from builder.runtime.vllm_limits import Limits
+
+    try:
+        limits = Limits.from_env(env)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    argv = ["--middleware", LIMITS_MIDDLEWARE, "--max-logprobs", str(limits.max_logprobs)]
+    seqs = env.get("LLM_MAX_NUM_SEQS", "").strip()
+    if seqs and not (seqs.isascii() and seqs.isdigit() and int(seqs) > 0):
+        raise SystemExit(f"error: LLM_MAX_NUM_SEQS={seqs!r}: give a whole number of sequences vLLM runs at once")
+    if seqs:
+        argv += ["--max-num-seqs", seqs]
+    if limits.max_tokens:
+        default = min(limits.max_tokens, model_max_new_tokens(model) or limits.max_tokens)
+        argv += ["--override-generation-config", json.dumps({"max_new_tokens": default})]
+    return argv
+
+
 def serve_argv(env: dict[str, str]) -> list[str]:
-    """`vllm serve` with the served name, port, context length, remote-code switch, the LoRA adapters
-    ($LLM_LORA_MODULES) and $LLM_EXTRA_ARGS (last, so a flag there wins: vLLM's parser keeps the last value).
-    Expects renamed_env's output."""
+    """`vllm serve` with the served name, port, context length, the work limits, remote-code switch, the
+    LoRA adapters ($LLM_LORA_MODULES) and $LLM_EXTRA_ARGS (last, so a flag there wins: vLLM's parser keeps
+    the last value). Expects renamed_env's output."""
     modules = lora_modules(env)
+    model = env.get("LLM_MODEL_PATH") or "/models/model"
     argv = [
         "vllm",
         "serve",
-        env.get("LLM_MODEL_PATH") or "/models/model",
+        model,
         "--served-model-name",
         base_name(env.get("SERVED_MODEL_NAME", "model"), [name for name, _ in modules]),
         "--host",
@@ -289,8 +364,10 @@ def serve_argv(env: dict[str, str]) -> list[str]:
     max_model_len = env.get("LLM_MAX_MODEL_LEN", "auto").strip()
     if max_model_len:
         argv += ["--max-model-len", max_model_len]
+    argv += limits_argv(env, model)
     if truthy(env.get("LLM_TRUST_REMOTE_CODE")):
         argv.append("--trust-remote-code")
+    argv += dtype_argv(env)
     if modules:
         argv += lora_argv(env, modules)
     # The API key reaches vLLM as $VLLM_API_KEY (compose hands it API_KEY), never on the command line.

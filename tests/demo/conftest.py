@@ -1,4 +1,4 @@
-"""The demo model, trained once per session for tests/demo (test_demo.py and test_quickstart.py)."""
+"""The demo model, trained once per pytest run for tests/demo (test_demo.py and test_quickstart.py)."""
 
 from __future__ import annotations
 

@@ -144,3 +144,22 @@ def test_step5_a_stopped_container_fails_fast_and_is_removed(step5, monkeypatch)
 def test_run_demo_numbers_five_steps():
     source = Path(quickstart.__file__).read_text()
     assert [f"{n}/5" in source for n in range(1, 6)] == [True] * 5 and "/4 " not in source
+
+
+def test_the_vllm_cpu_demo_serves_both_loras_on_vllms_cpu_variant(demo_dirs, second, monkeypatch):
+    """`make demo-vllm-cpu`: vLLM alone, its CPU variant, both LoRAs unmerged, float32; the same three lines."""
+    from builder.selection import select_backends
+    from builder.spec import read_model_config
+
+    out = demo_dirs[0]
+    monkeypatch.setattr(quickstart, "_can_run_harness", lambda: False)
+    spec = load_spec(quickstart.vllm_cpu_spec_flags(out))
+    record = backends.get("vllm")
+    assert spec.backends == ["vllm"] and record.cpu_variant_of_gpu(spec) and record.device_for(spec) == "cpu"
+    assert spec.adapters == {"tuned": out / "adapter", "second": second} and spec.lora_mode == "serve"
+    assert select_backends(spec, read_model_config(spec)).served_by("vllm") == spec.adapters
+    assert quickstart.expected_lines(spec) == {
+        spec.served_model_name: demo.BASE_ANSWERS[demo.CHANGED_PROMPT],
+        "tuned": demo.LORA_ANSWERS[demo.CHANGED_PROMPT],
+        "second": demo.SECOND_ANSWERS[demo.CHANGED_PROMPT],
+    }

@@ -76,13 +76,13 @@ def harness(subcommand: str, timeout: float = 1800, **env: str) -> str:
 
 @pytest.fixture(scope="session")
 def docker_cmd():
-    """The :func:`docker` helper (build-capable client, BuildKit on, fails the test with its output)."""
+    """The :func:`docker` function (build-capable client, BuildKit on, fails the test with its output)."""
     return docker
 
 
 @pytest.fixture(scope="session")
 def harness_cmd():
-    """The :func:`harness` helper: ``harness_cmd("bases", HARNESS_BASES="x")`` -> combined output."""
+    """The :func:`harness` function: ``harness_cmd("bases", HARNESS_BASES="x")`` -> combined output."""
     return harness
 
 

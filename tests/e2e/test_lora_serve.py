@@ -152,7 +152,7 @@ def test_another_adapter_set_keeps_the_base_layer(images):
 
 def test_second_fine_tune_pushes_only_its_adapter(images, local_registry):
     """`make push` of the first image, then of the second to the same repository: the registry grows by the
-    swapped adapter's layer, the preset's and the manifest (issue 19: at most the adapter GGUF + 5 MB)."""
+    swapped adapter's layer, the preset's and the manifest (at most the adapter GGUF + 5 MB)."""
     pushed = {}
     grown = {}
     for key in ("first", "second"):

@@ -301,6 +301,12 @@ def test_serve_argv_inside_the_image(built, demo_models, docker_cmd):
         "8000",
         "--max-model-len",
         "auto",  # the image's LLM_MAX_MODEL_LEN (spec vllm_max_model_len) ...
+        "--middleware",
+        "builder.runtime.vllm_limits.RequestLimits",
+        "--max-logprobs",
+        "20",
+        "--override-generation-config",
+        '{"max_new_tokens": 4096}',
         "--max-model-len",
         "512",  # ... and LLM_EXTRA_ARGS last, which vLLM's parser lets win
         "--enforce-eager",
@@ -362,7 +368,7 @@ def test_image_adds_only_code_and_weights_to_its_base(built, refused, docker_cmd
     )
 
 
-# ---- the demo LoRA served unmerged (issue 19 on vLLM) ------------------------------------------------------
+# ---- the demo LoRA served unmerged on vLLM ------------------------------------------------------
 
 
 def test_served_lora_image_passes_the_lora_check_and_sets_the_lora_env(served_lora, demo_models):

@@ -1,5 +1,5 @@
-"""Issue 21 (vLLM's first GPU run), asserted from the rendered Dockerfile.vllm, compose.yaml, k8s
-manifests and README, without a GPU or Docker. The architecture check's decisions are in
+"""What vLLM's GPU run needs, asserted from the rendered Dockerfile.vllm, compose.yaml, k8s
+manifests and the vLLM docs page, without a GPU or Docker. The architecture check's decisions are in
 tests/runtime/test_vllm_boot.py, and against the real pinned vLLM in tests/e2e/test_vllm.py.
 """
 
@@ -92,10 +92,10 @@ def test_max_model_len_refuses_the_rest(bad):
 # ---- 2. the host driver the pinned image needs ---------------------------------------------------------
 
 
-def test_readme_states_the_driver_the_pinned_vllm_needs():
-    assert B.base_image == "vllm/vllm-openai:v0.33.0"  # the README's statement is about this pin
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### vLLM's GPU and driver") :]
+def test_docs_state_the_driver_the_pinned_vllm_needs():
+    assert B.base_image == "vllm/vllm-openai:v0.33.0"  # the vLLM page's statement is about this pin
+    page = (ROOT / "docs" / "vllm.md").read_text()
+    section = page[page.index("## GPU and driver") :]
     section = " ".join(section[: section.index("\n#", 1)].split())
     for fact in ("CUDA 13.0", "580", "torch==2.14.0", "libcudart.so.13", "compute capability 7.5"):
         assert fact in section, fact
@@ -169,12 +169,12 @@ def test_our_variables_are_out_of_vllms_namespace():
 # ---- 7. the chat template ------------------------------------------------------------------------------
 
 
-def test_the_build_checks_the_chat_template_and_the_readme_says_how_to_give_one():
+def test_the_build_checks_the_chat_template_and_the_docs_say_how_to_give_one():
     dockerfile, _, _ = vllm_files(BuildSpec())
     stage = dockerfile[dockerfile.index("FROM model AS chat-template") :]
     assert "python3 -m builder.runtime.vllm_boot chat-template /out/model" in stage
     # the runtime's weights come from that stage, so the check is never skipped
     assert "COPY --from=chat-template --chown=10001:10001 /out/model /models/model" in dockerfile
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### A model without a chat template") :]
+    page = (ROOT / "docs" / "vllm.md").read_text()
+    section = page[page.index("## A model without a chat template") :]
     assert "--chat-template" in section and "LLM_EXTRA_ARGS" in section

@@ -1,4 +1,4 @@
-"""Issue 19 on vLLM: adapters served unmerged. Which adapters vLLM takes (selection, on real tiny models and real
+"""vLLM serving adapters unmerged. Which adapters vLLM takes (selection, on real tiny models and real
 peft adapters), and the image that serves them, asserted from its render and build args (no Docker, no GPU):
 the base unmerged in one layer, each adapter a small pinned layer after it, and the env that becomes vLLM's
 --enable-lora --lora-modules ... --max-loras N --max-lora-rank R."""

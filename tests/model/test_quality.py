@@ -362,7 +362,7 @@ def test_real_model_types_are_ordered_and_an_imatrix_helps(smollm2):
     top1 = {e.quant: e.top1_agreement for e in plain}
     assert kl["q8_0"] < kl["q4_k_m"] < kl["q4_0"] and top1["q8_0"] > top1["q4_k_m"] > top1["q4_0"]
     # SmolLM2's rows (576) are no multiple of 256, so most q5_k_m tensors fall back to Q5_1; this
-    # commit's Q5_1 CPU kernel is wrong on some hosts (see docs/quality-notes.md): the report shows it.
+    # commit's Q5_1 CPU kernel is wrong on some hosts (see docs/quality.md): the report shows it.
     if not kl["q8_0"] < kl["q5_k_m"] < kl["q4_k_m"] and _q5_1_kernel_broken(smollm2["merged_ref"], smollm2["work"]):
         pytest.xfail(f"q5_k_m is mostly Q5_1 here and this host's Q5_1 kernel is broken: KL {kl}")
     assert kl["q8_0"] < kl["q5_k_m"] < kl["q4_k_m"], f"KL mean not ordered q8_0 < q5_k_m < q4_k_m < q4_0: {kl}"

@@ -58,7 +58,7 @@ def test_run_smoke_unreachable_server_fails_cleanly(capsys):
     assert "cannot connect" in capsys.readouterr().out
 
 
-def test_client_helpers(server):
+def test_client_functions(server):
     assert smoke.list_models(server.url + "/v1/", api_key=KEY) == [NAME]
     assert smoke.wait_ready(server.url, api_key=KEY, timeout=5) == [NAME]
     answer = smoke.chat(server.url, NAME, "Say hello.", api_key=KEY, max_tokens=4)

@@ -80,7 +80,7 @@ def test_the_transformers_model_fallback_name_is_gone():
 
 
 def test_serve_argv_defaults():
-    """Issue 21 point 1: --max-model-len auto by default (vLLM's own default sizes for the full context)."""
+    """--max-model-len auto by default (vLLM's own default sizes for the full context)."""
     assert serve_argv({}) == [
         "vllm",
         "serve",
@@ -93,6 +93,12 @@ def test_serve_argv_defaults():
         "8000",
         "--max-model-len",
         "auto",
+        "--middleware",
+        "builder.runtime.vllm_limits.RequestLimits",
+        "--max-logprobs",
+        "20",
+        "--override-generation-config",
+        '{"max_new_tokens": 4096}',
     ]
 
 
@@ -173,6 +179,12 @@ def test_serve_print_shows_the_command():
         "8000",
         "--max-model-len",
         "512",
+        "--middleware",
+        "builder.runtime.vllm_limits.RequestLimits",
+        "--max-logprobs",
+        "20",
+        "--override-generation-config",
+        '{"max_new_tokens": 4096}',
         "--trust-remote-code",
         "--enforce-eager",
     ]
@@ -181,7 +193,7 @@ def test_serve_print_shows_the_command():
 
 
 def test_old_vllm_names_still_work_with_a_warning_and_never_reach_vllm():
-    """Issue 21 point 6: ours are LLM_*; the old VLLM_* names are read, warned about and removed, so
+    """Our variables are LLM_*; the old VLLM_* names are read, warned about and removed, so
     vLLM never logs "Unknown vLLM environment variable" (or fails under --fail-on-environ-validation)."""
     res = run_serve_print(
         {"VLLM_EXTRA_ARGS": "--enforce-eager", "VLLM_TRUST_REMOTE_CODE": "1", "VLLM_MODEL_PATH": "/m"}
@@ -247,7 +259,7 @@ def test_check_command_fails_with_the_message(tmp_path: Path, monkeypatch, capsy
 
 
 def test_check_command_refuses_a_pooling_model_and_a_lora_it_cannot_serve(tmp_path: Path, monkeypatch, capsys):
-    """Issue 21 point 5: an embedding model is in vLLM's registry, yet it would serve no chat/completions."""
+    """An embedding model is in vLLM's registry, yet it would serve no chat/completions."""
     stand_in_vllm(monkeypatch, SUPPORTED | {"BertModel"}, {"BertModel": EMBED, "GlmForCausalLM": GENERATE})
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
     assert vllm_boot.main(["check", "--local", str(tmp_path)]) == 1
@@ -315,7 +327,7 @@ def test_max_lora_rank_is_the_smallest_allowed_value_that_holds_it(rank, allowed
     assert MAX_LORA_RANKS == (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py MaxLoRARanks
 
 
-# ---- issue 21 point 7: the chat template -------------------------------------------------------
+# ---- the chat template -------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -359,7 +371,7 @@ def test_check_command_warns_and_builds_when_vllm_cannot_inspect_the_class(tmp_p
     assert "checks were skipped" in err
 
 
-# ---- issue 19: adapters served unmerged (--enable-lora) -------------------------------------------------
+# ---- adapters served unmerged (--enable-lora) -------------------------------------------------
 
 
 def test_lora_modules_become_vllms_lora_flags():
@@ -410,3 +422,51 @@ def test_serve_print_shows_the_lora_flags():
     assert shlex.split(res.stdout)[-7:] == [
         "--enable-lora", "--lora-modules", "a=/models/lora/a", "--max-loras", "1", "--max-lora-rank", "8"
     ]  # fmt: skip
+
+
+# ---- the bound on one request's work -----------------------------------------------------------------
+
+
+def test_limits_argv_defaults_and_overrides(tmp_path):
+    from builder.runtime.vllm_boot import limits_argv
+
+    assert limits_argv({}, str(tmp_path)) == [
+        "--middleware",
+        "builder.runtime.vllm_limits.RequestLimits",
+        "--max-logprobs",
+        "20",
+        "--override-generation-config",
+        '{"max_new_tokens": 4096}',
+    ]
+    env = {"LLM_MAX_LOGPROBS": "5", "LLM_MAX_NUM_SEQS": "8", "LLM_MAX_TOKENS": "100"}
+    assert limits_argv(env, str(tmp_path))[2:] == [
+        "--max-logprobs",
+        "5",
+        "--max-num-seqs",
+        "8",
+        "--override-generation-config",
+        '{"max_new_tokens": 100}',
+    ]
+    # no output bound: vLLM's own default output length (the rest of the context)
+    assert "--override-generation-config" not in limits_argv({"LLM_MAX_TOKENS": "0"}, str(tmp_path))
+
+
+def test_limits_argv_keeps_a_smaller_default_of_the_model(tmp_path):
+    from builder.runtime.vllm_boot import limits_argv
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 256}))
+    assert limits_argv({}, str(tmp_path))[-1] == '{"max_new_tokens": 256}'
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 100000}))
+    assert limits_argv({}, str(tmp_path))[-1] == '{"max_new_tokens": 4096}'
+
+
+@pytest.mark.parametrize(
+    "env,name",
+    [({"LLM_MAX_N": "ten"}, "LLM_MAX_N"), ({"LLM_MAX_BODY_BYTES": "4M"}, "LLM_MAX_BODY_BYTES"),
+     ({"LLM_MAX_LOGPROBS": "x"}, "LLM_MAX_LOGPROBS"), ({"LLM_MAX_NUM_SEQS": "1;rm"}, "LLM_MAX_NUM_SEQS")],
+)  # fmt: skip
+def test_limits_argv_stops_the_start_on_a_bad_value_with_its_name(tmp_path, env, name):
+    from builder.runtime.vllm_boot import limits_argv
+
+    with pytest.raises(SystemExit, match=rf"^error: {name}="):
+        limits_argv(env, str(tmp_path))

@@ -24,7 +24,7 @@ from builder.files import atomic_file
 # The GGML types chatglm.cpp's converter writes.
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 # The default GGML type (QUANT unset): chatglm.cpp has no K-quants, and the same kernels on GGUF measured
-# q4_0 at KL 0.378 / top-1 0.67 against q8_0's 0.005 / 0.955 (docs/quality-notes.md).
+# q4_0 at KL 0.378 / top-1 0.67 against q8_0's 0.005 / 0.955 (docs/quality.md).
 DEFAULT_QUANT = "q8_0"
 SUPPORTED = (
     "ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B-Chat (original THUDM layout, model_type 'chatglm') and "

@@ -22,7 +22,7 @@ from builder.model.gguf import llamacpp
 
 # The GGUF types `convert_gguf` writes (llama-quantize's names, lower case).
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k")
-# The default GGUF type (QUANT unset): measured on SmolLM2-135M + LoRA against its f16 (docs/quality-notes.md),
+# The default GGUF type (QUANT unset): measured on SmolLM2-135M + LoRA against its f16 (docs/quality.md),
 # q4_k_m has 5x lower KL divergence than q4_0 (0.071 vs 0.378) and top-1 agreement 0.85 vs 0.67 for
 # 15 % more size; q8_0 (KL 0.005, top-1 0.955) where size hardly matters.
 DEFAULT_QUANT = "q4_k_m"

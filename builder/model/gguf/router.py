@@ -6,7 +6,7 @@ served name, each adapter under its own name (`lora = FILE`: applied at scale 1)
 answered 400 "model 'x' not found"; /v1/models lists the sections. Every child maps the same base file,
 so the base is in memory once; `no-repack` keeps it so (CPU weight repacking copies the whole base into
 each child: 830 MB instead of 251 MB for a 76M f16 model with three adapters on an AMX host, see
-docs/adapters-notes.md). `load-on-startup` starts every child with the router (else the first request per name
+docs/adapters.md). `load-on-startup` starts every child with the router (else the first request per name
 waits for a load); the router must be allowed that many children (`--models-max`, models_max()).
 """
 

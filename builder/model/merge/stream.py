@@ -1,6 +1,6 @@
 """The stream: each base shard read tensor by tensor in file order, merged, and written straight into its
 output shard, whose safetensors header is known up front (merging changes no shape, except for a vocab
-an adapter grew, which the plan knows). Writing runs on one helper thread and hashing the input (for the
+an adapter grew, which the plan knows). Writing runs on one writer thread and hashing the input (for the
 provenance record) on another, both in calls that drop the GIL; memory stays at about the largest tensor
 plus its fp32 LoRA delta and a bounded write-ahead queue."""
 
@@ -96,9 +96,9 @@ def _progress(quiet: bool):
 
 
 def process_shard(shard: Shard, writer: SafetensorsWriter, plan: Plan, device: str, progress, task) -> str:
-    """Read, merge and write one shard: reading and merging here, writing on a helper thread, and the
+    """Read, merge and write one shard: reading and merging here, writing on a writer thread, and the
     input's sha256 (returned, for the provenance file) on another that reads the file by itself, so
-    hashing never holds up the merge. Both helpers spend their time in calls that drop the GIL.
+    hashing never holds up the merge. Both threads spend their time in calls that drop the GIL.
 
     The math runs on this thread alone (torch intra-op threads off): a rank-r product and elementwise
     steps on cache-sized blocks, where OpenMP workers spin-waiting between calls would only take the

@@ -154,7 +154,7 @@ def print_report(entries: Sequence[QualityEntry], console=None) -> None:
     console.print(HOW_TO_READ, style="dim")
 
 
-# GGUF types from least to most faithful, as measured (docs/quality-notes.md: q4_k_m beats q5_0 on KL).
+# GGUF types from least to most faithful, as measured (docs/quality.md: q4_k_m beats q5_0 on KL).
 FIDELITY = ("q4_0", "q4_1", "q5_0", "q4_k_m", "q5_1", "q5_k_m", "q6_k", "q8_0", "bf16", "f16", "f32")
 
 

@@ -4,6 +4,6 @@ It starts Xinference (xinference-local, or a cluster role's process: cluster.py)
 folder (registration.py) and launches it, with Xinference's auth store seeded first (auth.py), then
 stays in front as the container's main process (process.py). Standard library only, so builder's
 dependencies stay small; Xinference itself runs from whatever environment holds `xinference-local`
-($XINFERENCE_LOCAL, default: found on PATH). Settings: config.py and the README's "Xinference runtime
-environment".
+($XINFERENCE_LOCAL, default: found on PATH). Settings: config.py and docs/serving.md
+("Xinference runtime environment").
 """

@@ -68,7 +68,7 @@ def resolve_api_key(cfg: BootConfig, create: bool) -> str | None:
 
 
 def xinference_python(executable: str) -> str:
-    """The Python that runs `executable` (a console script's shebang), for Xinference-side helpers."""
+    """The Python that runs `executable` (a console script's shebang), for the scripts that run on Xinference's side."""
     path = shutil.which(executable) or executable
     try:
         with open(path, "rb") as fh:

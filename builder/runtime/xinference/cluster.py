@@ -3,9 +3,9 @@
 With either role the entry point hands over to this module, which runs Xinference's own
 `xinference-supervisor` / `xinference-worker` (4.1.0) with the same model folder, auth store and signal
 handling as the local role. Compose (compose.xinference-cluster.yaml) and Kubernetes
-(k8s/xinference-cluster/) run one supervisor and N workers this way. The README says what each role
-does about Xinference's behaviour ("Xinference's distributed mode") and lists its variables
-("Xinference runtime environment", under Serving).
+(k8s/xinference-cluster/) run one supervisor and N workers this way. docs/kubernetes.md says what each
+role does about Xinference's behaviour, and docs/serving.md lists its variables
+("Xinference runtime environment").
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The boot's settings: flags, else environment variables, else defaults (README: "Xinference runtime
-environment"), and the small pieces every module of this package shares (log, BootError, env_value)."""
+"""The boot's settings: flags, else environment variables, else defaults (docs/serving.md: "Xinference
+runtime environment"), and the small pieces every module of this package shares (log, BootError, env_value)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Issue 19 measurement harness (run from the repo root: PYTHONPATH=$PWD .venv/bin/python bench/issue19/...;
+"""llama-server with LoRA adapters: memory, speed and management endpoints (run from the repo root after
+make_models.py: PYTHONPATH=$PWD .venv/bin/python bench/lora_router/router_vs_single.py router f16 norepack probe speed;
 LORA_BENCH_DIR=folder, LLAMA_SERVER=binary). Router mode (--models-preset) vs one server with every --lora, on the pinned llama-server."""
 
 import concurrent.futures as cf

@@ -1,5 +1,5 @@
-"""Issue 19 measurement harness (run from the repo root: PYTHONPATH=$PWD .venv/bin/python bench/issue19/...;
-LORA_BENCH_DIR=folder, LLAMA_SERVER=binary). A ~85M-parameter random Llama (hidden 768, 12 layers), f16 and q4_k_m GGUFs, 3 r=16 all-linear LoRAs."""
+"""The models bench/lora_router/router_vs_single.py serves (run from the repo root first:
+PYTHONPATH=$PWD .venv/bin/python bench/lora_router/make_models.py; LORA_BENCH_DIR=folder). A ~85M-parameter random Llama (hidden 768, 12 layers), f16 and q4_k_m GGUFs, 3 r=16 all-linear LoRAs."""
 
 import os
 import sys
