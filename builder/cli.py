@@ -189,6 +189,8 @@ def show_spec(**flags) -> None:
     selection = select_backends(spec, read_model_config(spec))
     data["backends"] = selection.backends
     click.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), nl=False)
+    for line in selection.vision_lines():
+        click.echo(f"# {line}")
     for name, reason in selection.skipped.items():
         click.echo(f"# BACKEND=auto skips {name}: {reason}")
     for name, plan in selection.lora.items():
@@ -301,6 +303,21 @@ def convert(model, fmt, quant, out, pre_tokenizer, quiet) -> None:
     if quant not in GGML_QUANTS:
         raise BuilderError(f"--quant {quant} is not a GGML type ({', '.join(GGML_QUANTS)}); try --format gguf")
     click.echo(convert_model(model, quant=quant, out=out, quiet=quiet))
+
+
+@cli.command("convert-mmproj")
+@click.option(
+    "--model", "model", type=PathArg, required=True, help="Vision-language model folder (Qwen2-VL, Qwen2.5-VL)."
+)
+@click.option("--quant", default=None, help="The text GGUF's type: f32 gives an f32 mmproj, anything else f16.")
+@click.option("--out", type=PathArg, required=True, help="Output file (the mmproj GGUF).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def convert_mmproj(model, quant, out, quiet) -> None:
+    """The vision tower and projector of a vision-language model as llama.cpp's mmproj GGUF."""
+    from builder.model.gguf.convert import convert_mmproj as run
+    from builder.model.gguf.convert import mmproj_type
+
+    click.echo(run(model, out, mmproj_type(quant), quiet=quiet))
 
 
 @cli.command("convert-lora")

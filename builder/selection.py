@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from builder import backends
 from builder.errors import BuilderError
+from builder.model.vision import vision_architecture
 from builder.spec import BuildSpec
 
 if TYPE_CHECKING:
@@ -21,6 +22,23 @@ class Selection:
     skipped: dict[str, str] = field(default_factory=dict)  # BACKEND=auto: backend -> why not
     lora: dict[str, LoraPlan] = field(default_factory=dict)  # with adapters: backend -> merged or served, and why
     adapters: dict[str, Path] = field(default_factory=dict)  # served name -> adapter folder
+    facts: dict[str, AdapterFacts] = field(default_factory=dict)  # served name -> the adapter read on a local base
+    vision: str | None = None  # a vision-language model: its architecture
+    spec: BuildSpec | None = None
+
+    def vision_lines(self) -> list[str]:
+        """For `make spec`: a vision-language model, what each adapter changes of it (language model, vision
+        tower, projector) and what each chosen backend does with its images."""
+        if not self.vision:
+            return []
+        lines = [f"VISION: {self.vision} (images in through the OpenAI image_url content part)"]
+        lines += [f"ADAPTER {name} changes: " + "; ".join(f"{p}: {what}" for p, what in f.parts.items())
+                  for name, f in self.facts.items()]  # fmt: skip
+        for name in self.backends:
+            plan = backends.get(name).vision_plan(self.spec) if self.spec is not None else None
+            if plan:
+                lines.append(f"IMAGES on {name}: {plan}")
+        return lines
 
     def served_by(self, backend: str) -> dict[str, Path]:
         """The adapters `backend` serves unmerged ({}: none, or it merges the one adapter)."""
@@ -38,6 +56,7 @@ def select_backends(spec: BuildSpec, config: dict | None) -> Selection:
     if not spec.backends and config is None:
         raise BuilderError("BACKEND=auto needs a local model to read config.json from; for hub models pass BACKEND=...")
     chosen, skipped, lora = [], {}, {}
+    vision = vision_architecture(config) if config is not None else None
     for backend in backends.REGISTRY.values():
         if spec.backends and backend.name not in spec.backends:
             continue
@@ -45,6 +64,8 @@ def select_backends(spec: BuildSpec, config: dict | None) -> Selection:
         reason = None
         if config is not None and (backend.check_explicit or not explicit):
             reason = backend.check(config, spec)
+        if reason is None and vision:  # a backend without image input is never built text-only
+            reason = backend.vision_gap(config, spec)
         plan = plan_lora(spec, backend, per_adapter) if adapters else None
         if reason is None and isinstance(plan, str):
             reason = plan
@@ -64,7 +85,7 @@ def select_backends(spec: BuildSpec, config: dict | None) -> Selection:
         raise BuilderError("no backend serves this model:\n  " + "\n  ".join(f"{k}: {v}" for k, v in skipped.items()))
     for name in chosen:
         _check_quant(spec, backends.get(name))
-    return Selection(chosen, skipped, lora, adapters)
+    return Selection(chosen, skipped, lora, adapters, facts or {}, vision, spec)
 
 
 def _adapter_hint(spec: BuildSpec, facts: dict[str, AdapterFacts | None]) -> str:

@@ -139,6 +139,15 @@ class Backend:
         """Can it serve this model (config.json)? None, or the reason why not."""
         return REMOTE_CODE if "auto_map" in config and not spec.trust_remote_code else None
 
+    def vision_gap(self, config: dict, spec: BuildSpec) -> Optional[str]:
+        """None when this build serves the images of the vision-language model `config`, else why not: such a
+        backend is skipped by BACKEND=auto and refused when named, never built text-only."""
+        return f"{self.title} serves text only: the model's image input would be lost"
+
+    def vision_plan(self, spec: BuildSpec) -> Optional[str]:
+        """What its image does with a vision-language model it serves (one line for `make spec`)."""
+        return None
+
     def serves_gguf(self, spec: BuildSpec) -> bool:
         """Its image builds the llama.cpp stages (compile, convert, quantize) and serves a GGUF."""
         return False

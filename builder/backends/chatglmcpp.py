@@ -26,6 +26,9 @@ class ChatglmcppBackend(Backend):
             return str(e)
         return None
 
+    def vision_gap(self, config: dict, spec: BuildSpec) -> Optional[str]:
+        return "chatglm.cpp's Pipeline takes text only (it has no image encoder)"
+
 
 BACKEND = ChatglmcppBackend(
     name="chatglmcpp",

@@ -35,6 +35,25 @@ class LlamacppBackend(Backend):
     def serves_gguf(self, spec: BuildSpec) -> bool:
         return True
 
+    def vision_gap(self, config: dict, spec: BuildSpec) -> Optional[str]:
+        from builder.model.vision import PROVEN, proven, vision_architecture
+
+        if proven(config):
+            return None
+        return (
+            f"its image encoder (mmproj) is converted and checked here for {', '.join(PROVEN)} only; "
+            f"{vision_architecture(config)} would be served text-only"
+        )
+
+    def vision_plan(self, spec: BuildSpec) -> Optional[str]:
+        from builder.model.gguf.convert import mmproj_type
+
+        quant = self.quant_for(spec)
+        return (
+            f"text GGUF ({quant}) + mmproj GGUF ({mmproj_type(quant)}: vision tower and projector), each a layer "
+            "of its own; llama-server --mmproj; adapters on the language model share both"
+        )
+
     def openai_gaps(self, spec: BuildSpec) -> Optional[frozenset[str]]:
         # tests/demo/test_demo.py (llama-server on the host) and tests/e2e/test_pipeline.py (the image)
         return frozenset()
@@ -47,9 +66,13 @@ class LlamacppBackend(Backend):
 
     def adapter_files(self, spec: BuildSpec, names: list[str]) -> dict[str, str]:
         """llama-server's router preset: the base under the served name, each adapter under its own."""
-        from builder.model.gguf.router import router_preset
+        from builder.model.gguf.router import MMPROJ_GGUF, router_preset
+        from builder.model.vision import proven
+        from builder.spec import read_model_config
 
-        return {PRESET_FILE: router_preset(spec.served_model_name or "model", names)}
+        config = read_model_config(spec)
+        mmproj = MMPROJ_GGUF if config is not None and proven(config) else None
+        return {PRESET_FILE: router_preset(spec.served_model_name or "model", names, mmproj=mmproj)}
 
     def engine_tag(self, spec: BuildSpec) -> str:
         """llama.cpp's commit and its compile: COMMIT-avx2, COMMIT-all-variants, COMMIT-cuda[-ARCH...]."""

@@ -82,6 +82,15 @@ class VllmBackend(Backend):
             return REMOTE_CODE
         return None
 
+    def vision_gap(self, config: dict, spec: BuildSpec) -> Optional[str]:
+        return None  # the build's arch-check asks vLLM's registry, which lists the multimodal architectures
+
+    def vision_plan(self, spec: BuildSpec) -> Optional[str]:
+        return (
+            "images through image_url (vLLM's own processor); the architecture is checked against vLLM's registry "
+            "at build time; not yet served with an image on a GPU here"
+        )
+
     def tunables_for(self, spec: BuildSpec) -> tuple[tuple[str, str], ...]:
         options = self.options_of(spec)
         values = (*self.tunables, ("LLM_MAX_MODEL_LEN", options.max_model_len), ("LLM_DTYPE", options.dtype))

@@ -73,6 +73,13 @@ class XinferenceBackend(Backend):
         """Two images: the GGUF on the llama.cpp engine, or the merged weights on transformers/vLLM."""
         return f"{self.name}-gguf.Dockerfile.j2" if self.serves_gguf(spec) else self.template
 
+    def vision_gap(self, config: dict, spec: BuildSpec) -> Optional[str]:
+        return (
+            "its image registers the model as a text LLM (builder/runtime/xinference/registration.py: no "
+            "vision ability, no mmproj for its llama.cpp engine), so images would never reach the model; "
+            "BACKEND=llamacpp serves them"
+        )
+
     def gguf_toolchain_base(self, spec: BuildSpec) -> tuple[str, str]:
         """llama.cpp compiles on the llama.cpp image's base: one cached compile serves both images."""
         return LLAMACPP.gguf_toolchain_base(spec)

@@ -77,6 +77,8 @@ def template_values(spec: BuildSpec, output: Output, selection: Selection | None
         "gguf_toolchain": b.gguf_toolchain_base(spec) if b and b.serves_gguf(spec) else None,
         "served_adapters": list(selection.served_by(b.name)) if selection and b else [],
         **(engine_values(spec, b) if b and b.mounted_weights else {}),
+        # a vision-language model this backend serves with its images (llama.cpp: an mmproj beside the GGUF)
+        "vision": bool(selection and selection.vision and b and b.vision_plan(spec)),
         **(b.template_values if b else {}),
     }
 

@@ -19,6 +19,14 @@ from pathlib import Path
 
 from builder.errors import BuilderError
 from builder.model import merge  # its readers: the facts are what the merge would check
+from builder.model.vision import (
+    LANGUAGE_MODEL,
+    PROVEN,
+    parts_touched,
+    vision_architecture,
+    vllm_misplaced,
+    vllm_module,
+)
 from builder.runtime.vllm_boot import MAX_LORA_RANKS as VLLM_MAX_LORA_RANKS
 from builder.runtime.vllm_boot import max_lora_rank as vllm_max_lora_rank
 
@@ -59,6 +67,20 @@ class AdapterFacts:
     new_vocab: int | None  # the adapter resizes the vocabulary (added tokens)
     tokenizer_changes: tuple[str, ...]  # what the adapter folder changes of the base's tokenizer / template
     size_bytes: int  # the adapter weights file
+    vision: bool = False  # the base is a vision-language model (builder/model/vision.py)
+    file_modules: tuple[str, ...] = ()  # the LoRA modules as the adapter's weights file names them
+
+    @property
+    def parts(self) -> dict[str, str]:
+        """A vision-language base: {part: what the adapter does to it} (language model, vision tower, projector);
+        {} for a text model."""
+        return parts_touched([m.name for m in self.modules], self.saved_tensors) if self.vision else {}
+
+    @property
+    def vision_parts(self) -> tuple[str, ...]:
+        """The parts besides the language model it changes (vision tower, projector): a LoRA on the language
+        model alone leaves the base's image encoder as it is."""
+        return tuple(p for p in self.parts if p != LANGUAGE_MODEL)
 
     @property
     def max_rank(self) -> int:
@@ -150,6 +172,16 @@ def read_adapter(adapter: Path, base: Path | None = None) -> AdapterFacts:
         new_vocab=plan.new_vocab,
         tokenizer_changes=tokenizer_changes(adapter, base),
         size_bytes=lora.weights_file.stat().st_size,
+        vision=vision_architecture(config) is not None,
+        file_modules=tuple(
+            sorted(
+                {
+                    re.sub(r"\.lora_[AB](\.[^.]+)?\.weight$", "", k)
+                    for k in lora.tensors
+                    if re.search(r"\.lora_[AB](\.[^.]+)?\.weight$", k)
+                }
+            )
+        ),  # fmt: skip
     )
 
 
@@ -237,6 +269,19 @@ def vllm_problems(facts: AdapterFacts) -> list[str]:
     if facts.embeddings_targeted or facts.lm_head_targeted:
         out.append(f"LoRA on the embeddings / lm_head is not verified on the pinned vLLM; {merge}")
     out += [f"{change}: vLLM would serve the base's; {merge}" for change in _change_texts(facts)]
+    if facts.vision_parts:
+        out.append(
+            f"it changes the {' and '.join(facts.vision_parts)}; vLLM applies a LoRA to the language model only "
+            "unless --enable-tower-connector-lora (which vLLM marks experimental, and no image has been served "
+            f"with it here); {merge}"
+        )
+    misplaced = vllm_misplaced(facts.file_modules) if facts.architecture in PROVEN else []
+    if misplaced:
+        out.append(
+            f"vLLM would load the LoRA of {len(misplaced)} module(s) and never apply it ({misplaced[0]} lands on "
+            f"{vllm_module(misplaced[0])}, not a module of its {facts.architecture}): the server would answer as "
+            f"the base does; {merge}"
+        )
     return out
 
 

@@ -27,6 +27,9 @@ QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m"
 # 15 % more size; q8_0 (KL 0.005, top-1 0.955) where size hardly matters.
 DEFAULT_QUANT = "q4_k_m"
 FLOAT_TYPES = ("f32", "f16", "bf16")  # written by the converter itself; the others by llama-quantize
+# The vision tower + projector GGUF of a vision-language model (`convert_hf_to_gguf.py --mmproj`): f16 (what
+# llama.cpp's own mmproj files ship as; the encoder is small beside the text model), f32 when QUANT=f32 so
+# that a build can be checked token for token against transformers.
 ARCHITECTURES_FILE = Path(__file__).with_name("architectures.txt")
 # Where the host keeps the pinned source and its own build (`make llamacpp`); the image build sets
 # LLAMA_CPP_SRC and LLAMA_QUANTIZE instead.
@@ -48,6 +51,11 @@ def check_supported(config: dict) -> str | None:
     if archs[0] not in architectures():
         return f"llama.cpp {llamacpp.COMMIT}'s converter does not register {archs[0]}"
     return None
+
+
+def mmproj_type(quant: str | None) -> str:
+    """The mmproj's float type for a text GGUF of type `quant`."""
+    return "f32" if quant == "f32" else "f16"
 
 
 def source_dir() -> Path:
@@ -164,6 +172,32 @@ def convert_gguf(
             _run([str(quantizer), str(first), str(tmp), quant.upper(), threads], quiet, "llama-quantize")
         read_gguf(tmp)
     return Converted(out, quant, peak)
+
+
+def convert_mmproj(model: Path, out: Path, outtype: str = "f16", *, quiet: bool = False) -> Path:
+    """The vision tower + projector of the vision-language model folder `model` as an mmproj GGUF at `out`
+    (`convert_hf_to_gguf.py --mmproj`, float type `outtype`; temp file, validated, then renamed)."""
+    from builder.model.vision import PROVEN, proven
+
+    model, out = Path(model), Path(out)
+    if outtype not in ("f32", "f16"):
+        raise BuilderError(f"unknown mmproj type {outtype!r}; choose f16 or f32")
+    if not (model / "config.json").is_file():
+        raise BuilderError(f"{model} has no config.json; point --model at a Hugging Face model folder")
+    if not proven(json.loads((model / "config.json").read_text())):
+        raise BuilderError(f"{model}: an mmproj is made here for {', '.join(PROVEN)} only")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as tmp:
+        # the converter keeps a file name it is given (an `mmproj-` prefix only for a folder)
+        cmd = [sys.executable, "-m", "builder.model.gguf.hf_to_gguf", "--llama-cpp", str(source_dir()), "--"]
+        cmd += [str(model), "--mmproj", "--outfile", str(tmp), "--outtype", outtype]
+        _run(cmd, quiet, "convert_hf_to_gguf.py --mmproj")
+        info = read_gguf(tmp)
+        if not any(name.startswith("v.blk.") for name, *_ in info.tensors):
+            raise BuilderError(
+                f"the mmproj of {model} holds no vision encoder blocks; the checkpoint's names are unknown"
+            )
+    return out
 
 
 # -- reading ---------------------------------------------------------------------------------------

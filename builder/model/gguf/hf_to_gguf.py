@@ -7,7 +7,9 @@
 2. A BPE tokenizer whose pre-tokenizer hash the converter does not know (a retrained or trimmed
    tokenizer; the hash is over the tokens of a fixed text) is named from its tokenizer.json split
    regex when that regex is exactly one llama.cpp implements, or from --pre-tokenizer.
-3. transformers-native GLM (GlmForCausalLM) goes through the converter's ChatGLM class, which reads
+3. A Qwen2-VL / Qwen2.5-VL checkpoint in transformers' >= 4.52 key layout (`model.visual.*`) gets its
+   vision encoder into the mmproj (`--mmproj`): the converter's vision class matches `visual.*` only.
+4. transformers-native GLM (GlmForCausalLM) goes through the converter's ChatGLM class, which reads
    only the original THUDM config keys: its context, norm epsilon and RoPE base are taken from the
    HF keys (max_position_embeddings, rms_norm_eps, rope_theta) when the THUDM ones are absent, or the
    GGUF would carry hidden_size as its context and 1e-5 as its epsilon.
@@ -149,6 +151,23 @@ def patch_glm_hparams() -> None:
     chatglm.ChatGLMModel.set_gguf_parameters = set_gguf_parameters
 
 
+def patch_qwen2vl_vision_names() -> None:
+    """The mmproj of a Qwen2-VL / Qwen2.5-VL checkpoint saved by transformers >= 4.52 (`model.visual.*`): the
+    converter's vision class keeps only names that start with `visual.` (the older layout), so it would write
+    an mmproj without its encoder. The newer names are handed over in the older spelling."""
+    import conversion.qwenvl as qwenvl
+
+    original = qwenvl.Qwen2VLVisionModel.filter_tensors.__func__
+
+    def filter_tensors(cls, item):
+        name, gen = item
+        if name.startswith("model.visual."):
+            name = name[len("model.") :]
+        return original(cls, (name, gen))
+
+    qwenvl.Qwen2VLVisionModel.filter_tensors = classmethod(filter_tensors)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
@@ -156,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source (convert_hf_to_gguf.py, gguf-py)")
     p.add_argument("--pre-tokenizer", help="llama.cpp pre-tokenizer name for an unknown BPE tokenizer")
     a = p.parse_args(argv[:split])
-    patches = (lambda: patch_pre_tokenizer(a.pre_tokenizer), patch_glm_hparams)
+    patches = (lambda: patch_pre_tokenizer(a.pre_tokenizer), patch_glm_hparams, patch_qwen2vl_vision_names)
     return run_converter(a.llama_cpp, "convert_hf_to_gguf.py", argv[split + 1 :], patches)
 
 

@@ -55,6 +55,71 @@ SOURCE_PATCHES = (
         "by clients that send half a request (read timeout 600 s), the next client waits that long (64 stalled "
         "connections blocked the router in 3 of 3 runs on an idle host)",
     ),
+    # Image input (vision-language models with an mmproj): limits and no server-side fetch by default. Each
+    # limit is an environment variable of the server (the router's children inherit it); 0 turns it off.
+    (
+        "tools/server/server-common.cpp",
+        "#include <random>\n",
+        "#include <cstdlib>\n#include <random>\n"
+        "static size_t media_limit(const char * name, size_t fallback) {\n"
+        "    const char * v = std::getenv(name);\n"
+        "    return v && *v ? (size_t) std::strtoull(v, nullptr, 10) : fallback;\n"
+        "}\n",
+        "the image limits below read the server's environment",
+    ),
+    (
+        "tools/server/server-common.cpp",
+        '    if (string_starts_with(url, "http")) {\n',
+        '    if (media_limit("LLAMA_MEDIA_MAX_IMAGES", 16) > 0 && out_files.size() >= '
+        'media_limit("LLAMA_MEDIA_MAX_IMAGES", 16)) {\n'
+        '        throw std::invalid_argument("too many images in one request: at most " + '
+        'std::to_string(media_limit("LLAMA_MEDIA_MAX_IMAGES", 16)) + " (LLAMA_MEDIA_MAX_IMAGES)");\n'
+        "    }\n"
+        '    if (string_starts_with(url, "http") && media_limit("LLAMA_MEDIA_ALLOW_REMOTE", 0) == 0) {\n'
+        '        throw std::invalid_argument("image URLs are not fetched by this server: send the image as a "\n'
+        '            "data:image/...;base64 URL (the server opts in with LLAMA_MEDIA_ALLOW_REMOTE=1)");\n'
+        "    }\n"
+        '    if (string_starts_with(url, "http")) {\n',
+        "llama-server downloads any http:// image URL a client sends (its HTTP client is built in even without "
+        "OpenSSL): a client could make the server reach the network; and nothing bounds the images per request",
+    ),
+    (
+        "tools/server/server-common.cpp",
+        "            auto decoded_data = base64_decode(base64_data);\n",
+        "            auto decoded_data = base64_decode(base64_data);\n"
+        '            const size_t max_bytes = media_limit("LLAMA_MEDIA_MAX_BYTES", 20u << 20);\n'
+        "            if (max_bytes > 0 && decoded_data.size() > max_bytes) {\n"
+        '                throw std::invalid_argument("image of " + std::to_string(decoded_data.size()) + " bytes is "\n'
+        '                    "over the limit of " + std::to_string(max_bytes) + " (LLAMA_MEDIA_MAX_BYTES)");\n'
+        "            }\n",
+        "no limit on an image's bytes",
+    ),
+    (
+        "tools/server/server-common.cpp",
+        '            throw std::runtime_error("Failed to load image or audio file");\n',
+        '            throw std::invalid_argument("the image could not be decoded: not a PNG/JPEG/... image, "\n'
+        '                "truncated, or over LLAMA_MEDIA_MAX_PIXELS pixels");\n',
+        "an undecodable image was a 500 (a server error) instead of a 400 that says what is wrong with the input",
+    ),
+    (
+        "tools/mtmd/mtmd-helper.cpp",
+        "        auto * data = stbi_load_from_memory(buf, len, &nx, &ny, &nc, 3);\n",
+        '        const char * max_px_env = std::getenv("LLAMA_MEDIA_MAX_PIXELS");\n'
+        "        const long long max_px = max_px_env && *max_px_env ? std::atoll(max_px_env) : 16777216LL;\n"
+        "        if (max_px > 0 && stbi_info_from_memory(buf, (int) len, &nx, &ny, &nc) && (long long) nx * ny > max_px) {\n"
+        '            LOG_ERR("image of %dx%d pixels is over the limit of %lld (LLAMA_MEDIA_MAX_PIXELS)\\n", nx, ny, max_px);\n'
+        "            return {nullptr, nullptr};\n"
+        "        }\n"
+        "        auto * data = stbi_load_from_memory(buf, len, &nx, &ny, &nc, 3);\n",
+        "stb_image decodes any size up to 2^24 per side: a 20000x20000 PNG of a few hundred KB allocates 1.2 GB "
+        "per request; the header's size is read first (stbi_info) and checked against the limit",
+    ),
+    (
+        "tools/mtmd/mtmd-helper.cpp",
+        "#include <algorithm>\n",
+        "#include <algorithm>\n#include <cstdlib>\n",
+        "the pixel limit reads the server's environment",
+    ),
 )
 PATCHES_DIGEST = hashlib.sha256(repr(SOURCE_PATCHES).encode()).hexdigest()[:12]
 PATCH_STAMP = ".builder-patches"

@@ -68,6 +68,11 @@ def llamacpp_problems(facts: AdapterFacts) -> list[str]:
         out.append(f"it adapts lm_head, which this base ties to its embeddings (the converter refuses it); {MERGE}")
     out += [f"the adapter folder carries its own {c}: llama.cpp would serve the base's; {MERGE}"
             for c in facts.tokenizer_changes]  # fmt: skip
+    if facts.vision_parts:
+        out.append(
+            f"it changes the {' and '.join(facts.vision_parts)}, and a llama.cpp LoRA (convert_lora_to_gguf.py) "
+            f"carries the language model only: merged, the image gets an mmproj of its own; {MERGE}"
+        )
     return out
 
 

@@ -17,6 +17,7 @@ import re
 from builder.errors import BuilderError
 
 BASE_GGUF = "/models/model.gguf"
+MMPROJ_GGUF = "/models/mmproj.gguf"  # a vision-language model's vision tower + projector
 LORA_DIR = "/models/lora"
 PRESET = "/models/preset.ini"
 # A section name is a served model name: what spec.SERVED_NAME accepts, and nothing an INI line could misread.
@@ -42,9 +43,10 @@ def models_max(adapters: list[str] | tuple[str, ...]) -> int:
 
 
 def router_preset(served_name: str, adapters: list[str] | tuple[str, ...], base: str = BASE_GGUF,
-                  lora: dict[str, str] | None = None) -> str:  # fmt: skip
+                  lora: dict[str, str] | None = None, mmproj: str | None = None) -> str:  # fmt: skip
     """The preset INI: [*] shared settings, [base_name()] the base alone, [NAME] the base + adapter NAME's
-    LoRA (`lora` maps names to files; default lora_path(NAME))."""
+    LoRA (`lora` maps names to files; default lora_path(NAME)); `mmproj`: a vision-language base's mmproj GGUF,
+    in every section (the adapters change the language model only, so they share the base's)."""
     served_name = base_name(served_name, adapters)
     names = [served_name, *adapters]
     for name in names:
@@ -56,7 +58,13 @@ def router_preset(served_name: str, adapters: list[str] | tuple[str, ...], base:
     lines = ["; Written by builder (builder/model/gguf/router.py): one section per served model name.",
              "version = 1", "", "[*]", *(f"{k} = {v}" for k, v in SHARED.items())]  # fmt: skip
     for name in names:
-        lines += ["", f"[{name}]", f"model = {base}", "load-on-startup = true"]
+        lines += [
+            "",
+            f"[{name}]",
+            f"model = {base}",
+            *([f"mmproj = {mmproj}"] if mmproj else []),
+            "load-on-startup = true",
+        ]
         if name != served_name:
             lines.append(f"lora = {lora.get(name, lora_path(name))}")
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ from typing import Any
 from builder.errors import BuilderError
 from builder.model.merge.adapter import ADAPTER_PREFIX, AdapterTensor, LoraSpec, get_pattern_key, read_adapter
 from builder.model.tensors import TensorInfo
+from builder.model.vision import base_key, vision_architecture
 
 # Names of vocab-shaped matrices: when an adapter resizes one, it has to resize all of them.
 VOCAB_MATRIX = re.compile(r"(embed_tokens|lm_head|output_layer|word_embeddings|wte|embed_out)\.weight$")
@@ -56,6 +57,8 @@ def build_plan(base_tensors: dict[str, TensorInfo], config: dict, adapter: Path 
     cfg = loaded.spec
     plan.lora_config = cfg
     lora = _sort_adapter_tensors(loaded.tensors, plan, adapter)
+    if vision_architecture(config):
+        lora = _to_base_layout(lora, plan, base_tensors)
     _check_targets(plan, lora, base_tensors)
     plan.new_vocab = _check_replacements(plan.replace, base_tensors)
     for mod, parts in lora.items():
@@ -86,6 +89,14 @@ def _sort_adapter_tensors(tensors: dict[str, AdapterTensor], plan: Plan, adapter
         else:  # a full tensor: modules_to_save, the base_layer of a saved embedding, or bias="all"
             plan.replace[name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")] = t
     return lora
+
+
+def _to_base_layout(lora: dict[str, dict[str, Any]], plan: Plan, base_tensors: dict[str, TensorInfo]):
+    """A vision-language adapter's module and tensor names in the base's key layout (an adapter trained with
+    transformers >= 4.52 on a checkpoint saved before it, or the other way round: builder/model/vision.py)."""
+    plan.replace = {base_key(k, base_tensors) or k: t for k, t in plan.replace.items()}
+    return {(base_key(f"{m}.weight", base_tensors) or f"{m}.weight").removesuffix(".weight"): parts
+            for m, parts in lora.items()}  # fmt: skip
 
 
 def _check_targets(plan: Plan, lora: dict[str, dict[str, Any]], base_tensors: dict[str, TensorInfo]) -> None:

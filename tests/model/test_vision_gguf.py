@@ -1,0 +1,141 @@
+"""Vision-language models on the real llama-server (host build of the pinned llama.cpp, with its source patches):
+a tiny random Qwen2-VL / Qwen2.5-VL converted to an f32 text GGUF + f32 mmproj answers an image greedily as
+transformers does (M-RoPE positions), two images give two answers, and hostile images are a 400 that leaves the
+server answering."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+import zlib
+
+import pytest
+
+from builder.demo.tiny_vision import _chunk, make_pixels, make_random_qwen2_vl, png_bytes, png_header, reference_ids
+from builder.model.gguf.convert import convert_gguf, convert_mmproj, read_gguf
+from tests._llama_server import SERVER, llama_server, post
+
+pytestmark = pytest.mark.skipif(not SERVER.is_file(), reason="needs the host llama-server (make llamacpp)")
+BEFORE = "<|im_start|>user\n"
+AFTER = "Describe.<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module", params=["2", "2.5"])
+def served(request, tmp_path_factory):
+    folder = make_random_qwen2_vl(tmp_path_factory.mktemp(f"qwen{request.param}-vl"), version=request.param)
+    text = convert_gguf(folder, "f32", folder.parent / "model.gguf", quiet=True).path
+    mmproj = convert_mmproj(folder, folder.parent / "mmproj.gguf", "f32", quiet=True)
+    with llama_server(text, "--mmproj", str(mmproj), "--temp", "0") as url:
+        yield folder, mmproj, url
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def ask(url: str, *images: str, n: int = 8, timeout: float = 120) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in images] + [{"type": "text", "text": "Describe."}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": n, "temperature": 0}
+    return post(url + "/v1/chat/completions", body, timeout=timeout)
+
+
+def status_of(url: str, *images: str) -> tuple[int, str]:
+    try:
+        ask(url, *images, n=1)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}").get("error", {}).get("message", "")
+    return 200, ""
+
+
+def test_mmproj_holds_the_vision_encoder(served):
+    _, mmproj, _ = served
+    info = read_gguf(mmproj)
+    names = {t[0] for t in info.tensors}
+    assert {"v.blk.0.attn_q.weight", "v.blk.2.attn_q.weight", "v.patch_embd.weight"} <= names
+    assert {t[2] for t in info.tensors if t[0].startswith("v.blk.") and t[0].endswith("attn_q.weight")} == {"F32"}
+
+
+def test_greedy_answer_with_an_image_equals_transformers(served):
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    folder, _, url = served
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype="float32").eval()
+    answers = []
+    for seed in (0, 1):
+        pixels = make_pixels(seed=seed)
+        want = tok.decode(reference_ids(folder, BEFORE, pixels, AFTER, n=8, model=model))
+        got = ask(url, data_url(png_bytes(pixels)))["choices"][0]["message"]["content"]
+        assert got == want, f"image {seed}: llama-server {got!r}, transformers {want!r}"
+        answers.append(got)
+    assert answers[0] != answers[1], "the image has no effect on the answer: the test would prove nothing"
+
+
+def _bomb(side: int = 20000) -> bytes:
+    """A real 20000 x 20000 grey PNG of zeros (400 MB of pixels, a few hundred KB of file)."""
+    z = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)
+    data = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    return png_header(side, side, 0) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
+def test_hostile_images_are_a_400_and_the_server_keeps_answering(served):
+    _, _, url = served
+    good = png_bytes(make_pixels(seed=0))
+    cases = {
+        "not an image": data_url(b"this is not a picture at all" * 10),
+        "truncated": data_url(good[: len(good) // 2]),
+        "20000x20000 bomb": data_url(_bomb()),
+        "http URL": "http://127.0.0.1:9/cat.png",
+        "file URL": "file:///etc/passwd",
+    }
+    for what, image in cases.items():
+        code, message = status_of(url, image)
+        assert code == 400, f"{what}: {code} {message}"
+    code, message = status_of(url, *[data_url(good)] * 50)
+    assert code == 400 and "too many images" in message, message
+    assert ask(url, data_url(good), n=2)["choices"][0]["message"]["content"]  # still answering
+
+
+def test_a_client_that_hangs_up_leaves_the_server_answering(served):
+    import socket
+
+    _, _, url = served
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": data_url(png_bytes(make_pixels(seed=1)))}}]}], "max_tokens": 64}).encode()  # fmt: skip
+    for cut in (len(body) // 2, len(body)):  # mid-body, and right after sending a whole request
+        with socket.create_connection((host, int(port))) as s:
+            head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            s.sendall((head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body[:cut])
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        assert r.status == 200
+    assert ask(url, data_url(png_bytes(make_pixels(seed=0))), n=2)["choices"][0]["message"]["content"]
+
+
+def test_a_language_model_lora_served_unmerged_answers_as_peft(served, tmp_path):
+    """The adapter's GGUF LoRA over the base's text GGUF and the base's own mmproj (what the image serves for a
+    LoRA on the language model) gives peft's greedy tokens with an image, and not the base's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from builder.model.gguf.lora import convert_lora
+    from tests._tiny_hf import randomize_adapter
+
+    folder, mmproj, url = served
+    base = AutoModelForImageTextToText.from_pretrained(str(folder), dtype="float32").eval()
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    randomize_adapter(pm, 5)
+    pm.save_pretrained(tmp_path / "adapter")
+    lora = convert_lora(tmp_path / "adapter", folder, tmp_path / "adapter.gguf", outtype="f32", quiet=True).path
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    pixels = make_pixels(seed=0)
+    want = tok.decode(reference_ids(folder, BEFORE, pixels, AFTER, n=8, model=pm.merge_and_unload().eval()))
+    base_answer = ask(url, data_url(png_bytes(pixels)))["choices"][0]["message"]["content"]
+    assert want != base_answer, "the LoRA does not change the answer: the test would prove nothing"
+    text = folder.parent / "model.gguf"
+    with llama_server(text, "--mmproj", str(mmproj), "--lora", str(lora), "--temp", "0") as lora_url:
+        got = ask(lora_url, data_url(png_bytes(pixels)))["choices"][0]["message"]["content"]
+    assert got == want, f"llama-server with the LoRA {got!r}, peft {want!r}"
