@@ -12,10 +12,10 @@ import urllib.request
 import zlib
 
 import pytest
+from _llama_server import SERVER, llama_server, post
 
 from builder.demo.tiny_vision import _chunk, make_pixels, make_random_qwen2_vl, png_bytes, png_header, reference_ids
 from builder.model.gguf.convert import convert_gguf, convert_mmproj, read_gguf
-from tests._llama_server import SERVER, llama_server, post
 
 pytestmark = pytest.mark.skipif(not SERVER.is_file(), reason="needs the host llama-server (make llamacpp)")
 BEFORE = "<|im_start|>user\n"
@@ -118,11 +118,11 @@ def test_a_client_that_hangs_up_leaves_the_server_answering(served):
 def test_a_language_model_lora_served_unmerged_answers_as_peft(served, tmp_path):
     """The adapter's GGUF LoRA over the base's text GGUF and the base's own mmproj (what the image serves for a
     LoRA on the language model) gives peft's greedy tokens with an image, and not the base's."""
+    from _tiny_hf import randomize_adapter
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     from builder.model.gguf.lora import convert_lora
-    from tests._tiny_hf import randomize_adapter
 
     folder, mmproj, url = served
     base = AutoModelForImageTextToText.from_pretrained(str(folder), dtype="float32").eval()

@@ -38,10 +38,9 @@ def base(tmp_path_factory):
 def _adapter(base, path, targets, layout):
     """A real peft LoRA on the loaded model, saved; `layout` "old" renames its keys as an adapter trained with
     transformers < 4.52 names them."""
+    from _tiny_hf import randomize_adapter
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
-
-    from tests._tiny_hf import randomize_adapter
 
     model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32)
     pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
