@@ -41,6 +41,13 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 
 venv: $(VENV)/.installed ## create .venv with the project and its test extras
 
+# What `make demo` needs on the host: the build extra (torch, transformers, peft: it trains the demo
+# model there). Not the test extras: chatglm-cpp's sdist compile alone is minutes, and the images
+# compile their own. Nothing to do where the full venv is installed and current.
+$(VENV)/.installed-build: pyproject.toml | $(VENV)/bin/python
+	if [ $(VENV)/.installed -nt pyproject.toml ]; then touch $@; else \
+	  $(VENV)/bin/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[build]' && touch $@; fi
+
 # What `make test` needs, as three independent chains run side by side: the project venv (its
 # chatglm-cpp sdist compiles), the Xinference venv then xllamacpp (downloads), and the llama.cpp
 # compile (needs only the bare venv). Each step is idempotent, so a second run is seconds.
@@ -106,7 +113,7 @@ cluster-down: ## stop it
 smoke: venv ## OpenAI API checks against every service that is up
 	$(BUILDER) smoke-up
 
-demo: venv wheelhouse ## build the embedded demo model, serve it, ask it the LoRA's question
+demo: $(VENV)/.installed-build wheelhouse ## build the embedded demo model, serve it, ask it the LoRA's question
 	$(BUILDER) demo
 
 lint: venv ## ruff (format + lint), hadolint the Dockerfiles, generated docs fresh (compose.yaml: make test)
