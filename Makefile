@@ -22,22 +22,41 @@ $(foreach v,$(SPEC_VARS),$(eval export BUILDER_$(v) := $$(value $(v))))
 # ...and the variables themselves stay out of recipe environments, where Make would expand them.
 unexport $(SPEC_VARS)
 
-.PHONY: help venv test test-quality quality e2e spec image push up down smoke demo demo-vllm-cpu render k8s cluster-up cluster-down lint fmt clean wheelhouse llamacpp docs
+.PHONY: help venv test-setup test test-quality quality e2e spec image push up down smoke demo demo-vllm-cpu render k8s cluster-up cluster-down lint fmt clean wheelhouse llamacpp docs
 
 include mk/xinference.mk mk/xllamacpp.mk mk/vllm.mk
 
 help: ## list targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]+):.*## (.*)/  make \1\t\2/' | sort
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+# The bare venv (python and pip, seconds) on its own: the llama.cpp compile needs only that, so it
+# need not wait for the install below.
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	# torch pinned first: a bare `torch` would pull a multi-GB CUDA build.
 	CMAKE_POLICY_VERSION_MINIMUM=3.5 $(VENV)/bin/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed ## create .venv with the project and its test extras
 
-test: venv xinference-venv llamacpp xllamacpp ## unit and integration tests (no Docker)
+# What `make demo` needs on the host: the build extra (torch, transformers, peft: it trains the demo
+# model there). Not the test extras: chatglm-cpp's sdist compile alone is minutes, and the images
+# compile their own. Nothing to do where the full venv is installed and current.
+$(VENV)/.installed-build: pyproject.toml | $(VENV)/bin/python
+	if [ $(VENV)/.installed -nt pyproject.toml ]; then touch $@; else \
+	  $(VENV)/bin/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[build]' && touch $@; fi
+
+# What `make test` needs, as three independent chains run side by side: the project venv (its
+# chatglm-cpp sdist compiles), the Xinference venv then xllamacpp (downloads), and the llama.cpp
+# compile (needs only the bare venv). Each step is idempotent, so a second run is seconds.
+# SETUP_JOBS=1 runs them one after another.
+SETUP_JOBS ?= 3
+test-setup: venv xinference-venv llamacpp xllamacpp
+
+test: ## unit and integration tests (no Docker)
+	$(MAKE) --no-print-directory -j$(SETUP_JOBS) --output-sync=line test-setup
 	$(PYTEST) -q
 
 # The real-model quality measurements (SmolLM2-135M from PyPI + a LoRA trained in the test, four GGUF
@@ -48,7 +67,7 @@ test-quality: venv llamacpp ## the slow real-model quality tests (pytest -m qual
 # llama-server, llama-quantize and the quality tools (llama-perplexity, llama-imatrix) for the host tests,
 # compiled once from the pinned llama.cpp source (builder/model/gguf/llamacpp.py) into .cache/llama.cpp/;
 # rebuilt only when the pin or flags change.
-llamacpp: venv ## build llama.cpp's server, quantizer and quality tools for this machine (cached under .cache/llama.cpp)
+llamacpp: | $(VENV)/bin/python ## build llama.cpp's server, quantizer and quality tools for this machine (cached under .cache/llama.cpp)
 	$(VENV)/bin/python -m builder.model.gguf.llamacpp host
 
 wheelhouse: ## .cache/wheelhouse: the CPU torch wheel this machine kind ships, for image builds
@@ -94,10 +113,10 @@ cluster-down: ## stop it
 smoke: venv ## OpenAI API checks against every service that is up
 	$(BUILDER) smoke-up
 
-demo: venv wheelhouse ## build the embedded demo model, serve it, ask it the LoRA's question
+demo: $(VENV)/.installed-build wheelhouse ## build the embedded demo model, serve it, ask it the LoRA's question
 	$(BUILDER) demo
 
-demo-vllm-cpu: venv ## the demo's LoRAs served unmerged by vLLM on CPU (builds a 4 GB base first)
+demo-vllm-cpu: $(VENV)/.installed-build ## the demo's LoRAs served unmerged by vLLM on CPU (builds a 4 GB base first)
 	$(BUILDER) demo-vllm-cpu
 
 lint: venv ## ruff (format + lint), hadolint the Dockerfiles, generated docs fresh, the docs site in strict mode (compose.yaml: make test)

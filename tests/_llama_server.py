@@ -37,7 +37,9 @@ def llama_server(gguf: Path, *args: str, log: Path | None = None, timeout: float
     assert SERVER.is_file(), f"{SERVER} missing: run `make llamacpp` (make test does) or set LLAMA_SERVER"
     port = free_port()
     log = log or Path(str(gguf) + f".server-{port}.log")
-    cmd = [str(SERVER), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", "2", "--no-webui", *args]
+    # One thread: the tests' models are tiny, and two threads spin-waiting for each other stall for
+    # seconds per token whenever another process holds one of a 2-core machine's cores.
+    cmd = [str(SERVER), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", "1", "--no-webui", *args]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

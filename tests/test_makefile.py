@@ -97,3 +97,31 @@ def test_quality_variables_arrive(model_dir, tmp_path):
     assert res.returncode == 0, res.stderr
     spec = yaml.safe_load(res.stdout)
     assert (spec["quality"], spec["quality_min_top1"], spec["quality_eval"]) == ("off", 0.85, str(eval_file))
+
+
+def dry_run(tmp_path: Path, *args: str) -> str:
+    """`make -n` on a machine where nothing is set up yet (every venv and cache under tmp_path)."""
+    where = [f"VENV={tmp_path}/venv", f"XINFERENCE_VENV={tmp_path}/xinference", f"XLLAMACPP_DIR={tmp_path}/xllamacpp"]
+    res = subprocess.run(["make", "-n", *args, *where], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_make_test_sets_up_its_three_chains_side_by_side(tmp_path):
+    out = dry_run(tmp_path, "test")
+    assert "-j3 --output-sync=line test-setup" in out
+    for step in (".[test]'", "xinference==4.1.0", "builder.model.gguf.llamacpp host", "xllamacpp=="):
+        assert step in out, step
+    assert out.index("xinference==4.1.0") < out.index("xllamacpp==")  # xllamacpp installs with that venv's pip
+    assert "-j1 --output-sync=line test-setup" in dry_run(tmp_path, "test", "SETUP_JOBS=1")
+
+
+def test_llamacpp_compile_waits_only_for_the_bare_venv(tmp_path):
+    out = dry_run(tmp_path, "llamacpp")
+    assert f"-m venv {tmp_path}/venv" in out and "builder.model.gguf.llamacpp host" in out
+    assert "pip install" not in out
+
+
+def test_demo_installs_the_build_extra_only(tmp_path):
+    out = dry_run(tmp_path, "demo")
+    assert "-e '.[build]'" in out and ".[test]" not in out and "-m builder demo" in out

@@ -82,6 +82,21 @@ def models(tmp_path_factory):
     return {"root": root, "folders": folders, "glm_model": glm_model}
 
 
+@pytest.fixture(scope="module")
+def converted(models):
+    """convert_gguf(folder, quant) once per module: the greedy, prefix, metadata and truncation tests read
+    the same files (each conversion is a converter process)."""
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, quant: str) -> Path:
+        if (name, quant) not in cache:
+            out = models["root"] / f"{name}-{quant}.gguf"
+            cache[name, quant] = convert_gguf(models["folders"][name], quant, out, quiet=True).path
+        return cache[name, quant]
+
+    return get
+
+
 def _reference(models, name: str):
     """transformers model + tokenizer for a folder (the GLM-4 original is the native GLM's weights)."""
     if name == "glm4-original":
@@ -93,8 +108,8 @@ def _reference(models, name: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["glm", "llama", "qwen2", "glm4-original"])
 @pytest.mark.parametrize("quant", ["f32", "f16"])
-def test_greedy_ids_equal_transformers(models, name, quant):
-    out = convert_gguf(models["folders"][name], quant, models["root"] / f"{name}-{quant}.gguf", quiet=True).path
+def test_greedy_ids_equal_transformers(models, converted, name, quant):
+    out = converted(name, quant)
     info = read_gguf(out)
     assert info.file_type == {"f32": "ALL_F32", "f16": "MOSTLY_F16"}[quant]
     model, tok = _reference(models, name)
@@ -109,11 +124,11 @@ def test_greedy_ids_equal_transformers(models, name, quant):
             assert server_greedy(url, ids, N_NEW, banned) == hf_greedy(model, ids, N_NEW, banned), (name, quant, prompt)
 
 
-def test_glm_completion_prompt_prefix(models):
+def test_glm_completion_prompt_prefix(models, converted):
     """A documented difference: for a raw completion prompt, llama.cpp adds GLM's BOS ([gMASK]) but not
     the <sop> that transformers' GLM tokenizer also adds; chat prompts come out the same (the chat
     template writes both, and llama.cpp drops its own BOS from the rendered template)."""
-    out = convert_gguf(models["folders"]["glm"], "f16", models["root"] / "glm-prefix.gguf", quiet=True).path
+    out = converted("glm", "f16")
     tok = AutoTokenizer.from_pretrained(models["folders"]["glm"])
     gmask, sop = tok.convert_tokens_to_ids(["[gMASK]", "<sop>"])
     messages = [{"role": "user", "content": "Who are you?"}]
@@ -127,9 +142,9 @@ def test_glm_completion_prompt_prefix(models):
         assert served["tokens"] == list(chat_ids), rendered
 
 
-def test_glm_hparams_reach_the_gguf(models):
+def test_glm_hparams_reach_the_gguf(converted):
     """The HF GLM keys (context, epsilon, RoPE base) land in the GGUF, not the converter's defaults."""
-    out = convert_gguf(models["folders"]["glm"], "f32", models["root"] / "glm-meta.gguf", quiet=True).path
+    out = converted("glm", "f32")
     meta = read_gguf(out).metadata
     assert meta["chatglm.context_length"] == 2048
     assert meta["chatglm.attention.layer_norm_rms_epsilon"] == pytest.approx(1.5625e-07)
@@ -216,8 +231,8 @@ def test_committed_architecture_list_is_the_pinned_converters():
     } <= architectures()
 
 
-def test_truncated_gguf_is_refused(models, tmp_path):
-    out = convert_gguf(models["folders"]["qwen2"], "f16", tmp_path / "q.gguf", quiet=True).path
+def test_truncated_gguf_is_refused(converted, tmp_path):
+    out = converted("qwen2", "f16")
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
     with pytest.raises(BuilderError):
