@@ -13,6 +13,7 @@ block index.
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 import zlib
@@ -109,6 +110,30 @@ def png_header(width: int, height: int, colour: int = 2) -> bytes:
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def data_url(png: bytes) -> str:
+    """An OpenAI `image_url` for PNG bytes, inline (no server-side fetch)."""
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def bomb_png(side: int = 20000) -> bytes:
+    """A real side x side grey PNG of zeros: 400 MB of pixels at 20000 a side, in a few hundred KB of file."""
+    z = zlib.compressobj(9)
+    data = b"".join(z.compress(b"\x00" * (side + 1)) for _ in range(side)) + z.flush()
+    return png_header(side, side, 0) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
+def hostile_images(good_png: bytes) -> dict[str, list[str]]:
+    """{what: the image URLs of one message} a vision server must refuse with a 400 and survive."""
+    return {
+        "not an image": [data_url(b"this is not a picture at all" * 10)],
+        "truncated": [data_url(good_png[: len(good_png) // 2])],
+        "20000x20000 bomb": [data_url(bomb_png())],
+        "http URL": ["http://127.0.0.1:9/cat.png"],
+        "file URL": ["file:///etc/passwd"],
+        "50 images": [data_url(good_png)] * 50,
+    }
 
 
 def make_pixels(width: int = 112, height: int = 84, seed: int = 0):
