@@ -29,10 +29,15 @@ On a random transformers-native GLM (default ~183M parameters, q4_0; built once 
                   --lora-dir DIR: other GGUFs (DIR/base.QUANT.gguf, DIR/adN.gguf, a missing adN served
                   with ad1.gguf: 3 children contend all the same)
 
+  --vllm-cpu      vLLM on CPU (the CPU base image, in Docker) vs llama-server (router, q8_0 GGUF) on the --lora
+                  Llama and its LoRAs: 1 and 8 clients, base and adapters, ready time, peak memory
+                  (bench/_vllm_cpu.py); --vllm-dtypes float32,bfloat16
+
     .venv/bin/python bench/serve.py [--tokens 64] [--clients 16] [--repeat 5]
     .venv/bin/python bench/serve.py --vs-llamacpp [--repeat 5]
     .venv/bin/python bench/serve.py --lora [--tokens 64] [--repeat 5] [--threads N]
     .venv/bin/python bench/serve.py --lora --variants default,OMP_WAIT_POLICY=passive [--threads N] [--lora-dir DIR]
+    .venv/bin/python bench/serve.py --vllm-cpu [--vllm-dtypes float32,bfloat16] [--tokens 64] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -447,7 +452,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="--lora: -t of every llama-server")
     ap.add_argument("--variants", help="--lora: compare routers so set (e.g. default,poll=0,OMP_WAIT_POLICY=passive)")
     ap.add_argument("--lora-dir", help="--lora --variants: GGUFs from here instead of .cache/bench/lora/")
+    ap.add_argument("--vllm-cpu", action="store_true", help="vLLM on CPU vs llama-server, base and adapters")
+    ap.add_argument("--vllm-dtypes", default="float32", help="--vllm-cpu: comma list of vLLM --dtype values")
     args = ap.parse_args()
+    if args.vllm_cpu:
+        from _vllm_cpu import vllm_cpu_figures
+
+        args.vllm_dtypes = args.vllm_dtypes.split(",")
+        return vllm_cpu_figures(args, sys.modules[__name__])
     if args.lora and args.variants:
         return variant_figures(args)
     if args.lora:
