@@ -54,12 +54,17 @@ def test_llamacpp_runs_standalone_from_what_the_source_stage_copies(tmp_path):
 
 
 def test_source_patches_apply_once_and_stamp_the_copy(tmp_path):
-    for name, text, _replacement, _why in llamacpp.SOURCE_PATCHES:
+    texts: dict[str, list[str]] = {}
+    replacements: dict[str, list[str]] = {}
+    for name, text, replacement, _why in llamacpp.SOURCE_PATCHES:  # a file may take several patches
+        texts.setdefault(name, []).append(text)
+        replacements.setdefault(name, []).append(replacement)
+    for name, parts in texts.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(f"before\n{text}\nafter\n")
+        (tmp_path / name).write_text("before\n" + "\n--\n".join(parts) + "\nafter\n")
     llamacpp.apply_patches(tmp_path)
-    for name, _text, replacement, _why in llamacpp.SOURCE_PATCHES:
-        assert (tmp_path / name).read_text() == f"before\n{replacement}\nafter\n"
+    for name, parts in replacements.items():
+        assert (tmp_path / name).read_text() == "before\n" + "\n--\n".join(parts) + "\nafter\n"
     assert (tmp_path / llamacpp.PATCH_STAMP).read_text() == llamacpp.PATCHES_DIGEST
     with pytest.raises(RuntimeError, match="occurs 0 times, not once"):  # a pin whose source moved on says so
         llamacpp.apply_patches(tmp_path)
