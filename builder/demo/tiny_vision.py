@@ -188,3 +188,19 @@ def reference_ids(folder: Path, prompt_before: str, pixels, prompt_after: str, n
             mm_token_type_ids=(ids == pad).int(), max_new_tokens=n, do_sample=False, eos_token_id=None,
         )  # fmt: skip
     return out[0, ids.shape[1] :].tolist()
+
+
+def reference_answers(folder: Path, prompt_before: str, prompt_after: str, seeds=(0, 1), n: int = 8):
+    """[(PNG bytes, transformers' greedy answer text)] for make_pixels(seed) of each seed: what a server that
+    serves `folder` must answer to that image between the two prompt halves."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    answers = []
+    for seed in seeds:
+        pixels = make_pixels(seed=seed)
+        ids = reference_ids(folder, prompt_before, pixels, prompt_after, n=n, model=model)
+        answers.append((png_bytes(pixels), tok.decode(ids)))
+    return answers
