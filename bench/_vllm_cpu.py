@@ -13,6 +13,7 @@ import os
 import statistics
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -32,7 +33,7 @@ class VllmContainer:
                 "-e", "HOME=/home/app", "-e", "XDG_CACHE_HOME=/home/app/.cache",
                 "-e", "TORCHINDUCTOR_CACHE_DIR=/home/app/.cache/torchinductor", "-v", f"{folder}:/m:ro",
                 "-p", f"127.0.0.1:{port}:8000", image, "/m/base", "--served-model-name", "bench", "--port", "8000",
-                "--dtype", dtype, "--max-model-len", "4096", "--enable-lora", "--max-lora-rank", "16",
+                "--dtype", dtype, "--max-model-len", "2048", "--enable-lora", "--max-lora-rank", "16",
                 "--max-loras", str(len(adapters) + 1),  # the spare slot the image keeps on CPU
                 "--lora-modules", *(f"{a}=/m/{a}" for a in adapters)]  # fmt: skip
         start = time.monotonic()
@@ -59,6 +60,11 @@ class VllmContainer:
                 return int(path.read_text()) / 2**20
         return None
 
+    def freeze(self, frozen: bool) -> None:
+        """Pause the container (its cgroup frozen) while another server is measured: vLLM's CPU workers keep
+        spinning for a while after a request, which would slow the server measured next."""
+        subprocess.run([DOCKER, "pause" if frozen else "unpause", self.name], capture_output=True)
+
     def close(self) -> None:
         subprocess.run([DOCKER, "rm", "-f", "-v", self.name], capture_output=True)
 
@@ -76,6 +82,19 @@ def tree_peak_mb(pid: int) -> float:
         total += next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM")), 0)
         pids += [int(c) for c in children]
     return total
+
+
+@contextmanager
+def alone(servers: dict, measured: str):
+    """Every vLLM container but the measured server's paused for the duration."""
+    others = [s for name, s in servers.items() if name != measured and isinstance(s, VllmContainer)]
+    for other in others:
+        other.freeze(True)
+    try:
+        yield
+    finally:
+        for other in others:
+            other.freeze(False)
 
 
 def vllm_cpu_figures(args, serve) -> None:
@@ -109,12 +128,14 @@ def vllm_cpu_figures(args, serve) -> None:
         for r in range(args.repeat):
             print(f"round {r + 1}:", flush=True)
             for key in list(one)[r % len(one) :] + list(one)[: r % len(one)]:
-                n, s = serve.completion(servers[key[0]].url, args.tokens, model=key[1], ignore_eos=True)
+                with alone(servers, key[0]):
+                    n, s = serve.completion(servers[key[0]].url, args.tokens, model=key[1], ignore_eos=True)
                 one[key].append(n / s)
                 print(f"  1 client  {key[0]:<20} {key[1]:<6} {n / s:7.1f} tok/s", flush=True)
             for key in list(eight)[r % len(eight) :] + list(eight)[: r % len(eight)]:
                 models = ("bench",) if key[1] == "base" else adapters
-                tps, _ = serve.concurrent(servers[key[0]].url, 8, args.tokens, models=models, ignore_eos=True)
+                with alone(servers, key[0]):
+                    tps, _ = serve.concurrent(servers[key[0]].url, 8, args.tokens, models=models, ignore_eos=True)
                 eight[key].append(tps)
                 print(f"  8 clients {key[0]:<20} {key[1]:<6} {tps:7.1f} tok/s", flush=True)
         peak = {name: (s.peak_mb() if isinstance(s, VllmContainer) else tree_peak_mb(s.proc.pid))
