@@ -304,11 +304,10 @@ def _layers(ref: str) -> list[str]:
 
 def _volume_from(image: str, path: str, volume: str) -> None:
     """A fresh named volume holding what the (FROM scratch) `image` has under `path`: Docker copies an image's
-    files into an empty named volume mounted on them when the container is made (the command never runs)."""
+    files into an empty named volume mounted on them when the container is created (`none`: never run)."""
     docker("volume", "rm", "-f", volume, check=False)
     docker("volume", "create", volume)
     cid = docker("create", "-v", f"{volume}:{path}", image, "none").stdout.strip()
-    docker("start", cid, check=False)  # no shell, no command: it fails, after its volumes are set up
     docker("rm", "-f", cid, check=False)
 
 
