@@ -321,7 +321,10 @@ def test_engine_with_weights_mounted_from_their_images_answers_like_the_baked_im
     weights = _layers(spec.weights_image("vllm"))
     adapters = [_layers(spec.lora_image(n, "vllm")) for n in spec.adapters]
     assert len(weights) == 1 and all(len(a) == 1 for a in adapters)
-    assert runtime == engine + weights + [a[0] for a in adapters]
+    # the engine's layers are the runtime's bottom ones and its last (WORKDIR's empty layer, after the weights in the
+    # runtime); between them the runtime holds exactly the weights layer and each adapter's
+    bottom, workdir = engine[:-1], engine[-1]
+    assert runtime == bottom + weights + [a[0] for a in adapters] + [workdir], (runtime, engine, weights, adapters)
     baked_env = dict(e.split("=", 1) for e in json.loads(docker("image", "inspect", spec.image("vllm")).stdout)[0]
                      ["Config"]["Env"])  # fmt: skip
     volumes = {f"{PROJECT}-weights": (spec.weights_image("vllm"), "/models", "/models")}
