@@ -310,13 +310,19 @@ class _BuildSpec(BaseModel):
         /models); the same for every model, tagged by the engine's pin."""
         return f"{self._prefix}{backend}-engine:{backends.get(backend).engine_tag(self)}"
 
-    def weights_image(self) -> str:
-        """`[REGISTRY/]NAME-weights:TAG`: FROM scratch, /models/model.gguf, the runtime images' weights layer."""
-        return f"{self._prefix}{self.name}-weights:{self.tag}"
+    def weights_image(self, backend: str | None = None) -> str:
+        """`[REGISTRY/]NAME-weights[SUFFIX]:TAG`: FROM scratch, the runtime images' weights layer under /models
+        (no backend, or llama.cpp's: /models/model.gguf; `-hf`, vLLM's: the Hugging Face folder /models/model)."""
+        return f"{self._prefix}{self.name}-weights{self._format_suffix(backend)}:{self.tag}"
 
-    def lora_image(self, adapter: str) -> str:
-        """`[REGISTRY/]NAME-lora:TAG-ADAPTER` (`:` in the name as `_`): one adapter's GGUF LoRA layer."""
-        return f"{self._prefix}{self.name}-lora:{self._suffixed_tag(adapter)}"
+    def lora_image(self, adapter: str, backend: str | None = None) -> str:
+        """`[REGISTRY/]NAME-lora[SUFFIX]:TAG-ADAPTER` (`:` in the name as `_`): one adapter's layer (a GGUF LoRA;
+        `-hf`: the adapter's own folder)."""
+        return f"{self._prefix}{self.name}-lora{self._format_suffix(backend)}:{self._suffixed_tag(adapter)}"
+
+    @staticmethod
+    def _format_suffix(backend: str | None) -> str:
+        return backends.get(backend).weights_suffix if backend else ""
 
     def model_artifact(self, adapter: str | None = None, flavour: str = "") -> str:
         """`[REGISTRY/]NAME-model:TAG[-ADAPTER][-FLAVOUR]`: the GGUF as a model artifact (Docker's model

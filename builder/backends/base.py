@@ -119,6 +119,9 @@ class Backend:
     # also builds an engine image (the runtime without weights, serving what is mounted at /models) and a
     # FROM-scratch weights image holding the runtime's own weights layer (templates: `engine`, `weights` targets)
     mounted_weights: bool = False
+    # what its weights and adapter images' repositories add to NAME-weights / NAME-lora, naming their format when
+    # it is not GGUF ("" : GGUF; vLLM's "-hf": Hugging Face folders), so two backends of one spec never share one
+    weights_suffix: str = ""
     template_dir: Path = TEMPLATES
 
     @property

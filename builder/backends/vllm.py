@@ -111,6 +111,10 @@ class VllmBackend(Backend):
 
         return vllm_problems(facts)
 
+    def engine_tag(self, spec: BuildSpec) -> str:
+        """vLLM's version, with `-cpu` for the CPU variant: 0.33.0, 0.33.0-cpu."""
+        return VLLM_VERSION + ("-cpu" if self.cpu_variant_of_gpu(spec) else "")
+
     def adapter_build_args(self, spec: BuildSpec, served: dict[str, Path]) -> dict[str, str]:
         """LORA_RANK: the adapters' largest rank (the arch-check refuses what vLLM cannot serve at it);
         MAX_LORA_RANK: the smallest --max-lora-rank vLLM allows that holds it (the image's LLM_MAX_LORA_RANK)."""
@@ -150,5 +154,8 @@ BACKEND = VllmBackend(
     runtime_modules=("vllm_boot.py", "vllm_limits.py"),
     # adapters unmerged: --enable-lora --lora-modules, each adapter a small layer over one base
     serves_adapters=True,
+    # vllm-engine:VERSION[-cpu] serves a mounted /models/model; NAME-weights-hf:TAG holds the weights layer
+    mounted_weights=True,
+    weights_suffix="-hf",
     template_values={"lora_dir": LORA_DIR},
 )

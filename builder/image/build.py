@@ -239,9 +239,9 @@ class Job:
 def mounted_targets(spec: BuildSpec, backend: str, selection: Selection) -> dict[str, str]:
     """{Dockerfile target: tag} of the images beside a mounted_weights backend's runtime: its engine (no
     weights), the weights image and one image per adapter it serves unmerged (each holding the runtime's layer)."""
-    targets = {"engine": spec.engine_image(backend), "weights": spec.weights_image()}
+    targets = {"engine": spec.engine_image(backend), "weights": spec.weights_image(backend)}
     for i, name in enumerate(selection.served_by(backend)):
-        targets[f"lora-weights-{i}"] = spec.lora_image(name)
+        targets[f"lora-weights-{i}"] = spec.lora_image(name, backend)
     return targets
 
 

@@ -1,12 +1,13 @@
 """`builder k8s --weights image-volume`: the weights as images the kubelet mounts, beside the baked bases.
 
-For each backend that serves mounted weights (llama.cpp), `image-volume/<backend>/` is a kustomize base whose
+For each backend that serves mounted weights (llama.cpp, vLLM), `image-volume/<backend>/` is a kustomize base whose
 Deployment runs the engine image (no weights) with the weights image mounted read-only at /models
 (`volumes[].image`, Kubernetes image volumes; subPath `models`, the folder the weights image holds) and each
 adapter served unmerged mounted at /adapters/NAME from its own image, every image by the digest `make push`
 recorded (else by tag). With adapters, llama-server runs as the baked image does, a router over one base:
-its preset comes from a ConfigMap. A new fine-tune rolls out by changing one image reference; nodes keep
-the engine and the base cached.
+its preset comes from a ConfigMap; vLLM gets its served name and `--lora-modules` (/adapters/NAME/NAME, the
+adapter's folder) through the engine image's variables. A new fine-tune rolls out by changing one image reference;
+nodes keep the engine and the base cached.
 
 `kserve/` holds a KServe ServingRuntime (the engine) and an InferenceService whose storageUri is the weights
 image: `oci+native://`, which KServe mounts as an image volume (subPath `models`) at /mnt/models. The classic
@@ -20,6 +21,7 @@ import dataclasses
 from typing import Any
 
 from builder import backends
+from builder.errors import BuilderError
 from builder.image import push
 from builder.image.k8s import Workload, labels, workload
 from builder.model.gguf.router import BASE_GGUF, LORA_DIR, base_name, models_max, router_preset
@@ -30,6 +32,8 @@ ADAPTERS = "/adapters"  # where each adapter image is mounted, /adapters/NAME
 PRESET_DIR = "/etc/llama-server"  # the router preset's ConfigMap
 KSERVE_MODELS = "/mnt/models"  # where KServe mounts the storageUri
 WEIGHTS_SUBPATH = BASE_GGUF.split("/")[1]  # "models": the weights image's one folder
+HF_MODEL = "/models/model"  # a Hugging Face folder's weights image (vLLM's): the model folder
+HF_ADAPTER_ENV = ("LLM_LORA_MODULES", "LLM_MAX_LORAS", "LLM_MAX_LORA_RANK")
 
 
 def _pin(ref: str, recorded: str) -> str:
@@ -37,8 +41,9 @@ def _pin(ref: str, recorded: str) -> str:
     return recorded if recorded.startswith(ref + "@sha256:") and len(recorded) == len(ref) + 72 else ref
 
 
-def adapter_path(name: str) -> str:
-    return f"{ADAPTERS}/{name}/{name}.gguf"
+def adapter_path(name: str, gguf: bool = True) -> str:
+    """Where adapter NAME's image volume puts it: its GGUF LoRA, or (vLLM) its folder."""
+    return f"{ADAPTERS}/{name}/{name}" + (".gguf" if gguf else "")
 
 
 def mounted_adapters(spec: BuildSpec, backend: str) -> list[str]:
@@ -54,14 +59,16 @@ def image_volume_workload(spec: BuildSpec, b: backends.Backend, pushed: dict[str
     """(the Deployment's workload, the router preset or "" without adapters)."""
     base = workload(spec, b, pushed)
     all_labels, selector = labels(spec, f"{b.name}-image-volume", "server")
-    weights = _pin(spec.weights_image(), pushed.get(push.WEIGHTS, ""))
+    weights = _pin(spec.weights_image(b.name), pushed.get(push.weights_key(b.name), ""))
     mounts = [_image_volume("weights", weights, "/models", WEIGHTS_SUBPATH)]
     names = mounted_adapters(spec, b.name)
     for i, name in enumerate(names):
-        ref = _pin(spec.lora_image(name), pushed.get(push.LORA + name, ""))
+        ref = _pin(spec.lora_image(name, b.name), pushed.get(push.lora_key(b.name, name), ""))
         mounts.append(_image_volume(f"lora-{i}", ref, f"{ADAPTERS}/{name}", LORA_DIR.lstrip("/")))
     served = spec.served_model_name or "model"
-    if names:
+    if not b.serves_gguf(spec):
+        preset, env = "", hf_env(spec, b, served, names)
+    elif names:
         preset = router_preset(served, names, lora={n: adapter_path(n) for n in names})
         mounts.append({"name": "preset", "mountPath": PRESET_DIR, "readOnly": True,
                        "source": {"configMap": {"name": f"{spec.name}-{b.name}-preset"}}})  # fmt: skip
@@ -84,6 +91,24 @@ def image_volume_workload(spec: BuildSpec, b: backends.Backend, pushed: dict[str
     return w, preset
 
 
+def hf_env(spec: BuildSpec, b: backends.Backend, served: str, names: list[str]) -> list[dict]:
+    """The engine's run-time settings for a Hugging Face folder (vLLM's engine image): what its baked image bakes
+    per model, the adapters from their image volumes."""
+    modules = " ".join(f"{n}={adapter_path(n, gguf=False)}" for n in names)
+    rank = ""
+    if names:  # the adapters' rank from their adapter_config.json, when the folders are here (else vLLM's default)
+        try:
+            paths = {n: p for n, p in served_adapters(spec).items() if n in names}
+            rank = b.adapter_build_args(spec, paths).get("MAX_LORA_RANK", "")
+        except (BuilderError, OSError, ValueError):
+            rank = ""
+    return [{"name": "SERVED_MODEL_NAME", "value": served},
+            {"name": "LLM_TRUST_REMOTE_CODE", "value": "1" if spec.trust_remote_code else "0"},
+            {"name": "LLM_LORA_MODULES", "value": modules},
+            {"name": "LLM_MAX_LORAS", "value": str(len(names)) if names else ""},
+            {"name": "LLM_MAX_LORA_RANK", "value": rank}]  # fmt: skip
+
+
 def _image_volume(name: str, ref: str, mount: str, sub_path: str) -> dict:
     source = {"image": {"reference": ref, "pullPolicy": "IfNotPresent"}}
     return {"name": name, "mountPath": mount, "subPath": sub_path, "readOnly": True, "source": source}
@@ -92,17 +117,28 @@ def _image_volume(name: str, ref: str, mount: str, sub_path: str) -> dict:
 def kserve_values(spec: BuildSpec, b: backends.Backend, w: Workload, pushed: dict[str, str]) -> dict[str, Any]:
     """The ServingRuntime's container and the InferenceService's storageUri (the base weights, served under the
     base's name; adapters stay with the image-volume Deployment)."""
-    weights = _pin(spec.weights_image(), pushed.get(push.WEIGHTS, ""))
+    weights = _pin(spec.weights_image(b.name), pushed.get(push.weights_key(b.name), ""))
     served = base_name(spec.served_model_name or "model", mounted_adapters(spec, b.name))
-    env = [e for e in w.env if not e["name"].startswith("LLAMA_ARG_MODEL") and e["name"] != "LLAMA_ARG_ALIAS"]
-    env += [{"name": "LLAMA_ARG_MODEL", "value": f"{KSERVE_MODELS}/{BASE_GGUF.rsplit('/', 1)[1]}"},
-            {"name": "LLAMA_ARG_ALIAS", "value": served}]  # fmt: skip
+    if b.serves_gguf(spec):
+        env = [e for e in w.env if not e["name"].startswith("LLAMA_ARG_MODEL") and e["name"] != "LLAMA_ARG_ALIAS"]
+        env += [{"name": "LLAMA_ARG_MODEL", "value": f"{KSERVE_MODELS}/{BASE_GGUF.rsplit('/', 1)[1]}"},
+                {"name": "LLAMA_ARG_ALIAS", "value": served}]  # fmt: skip
+    else:  # the Hugging Face folder /models/model of the weights image, at /mnt/models/model; no adapters
+        env = [e for e in w.env if e["name"] not in HF_ADAPTER_ENV and e["name"] != "SERVED_MODEL_NAME"]
+        env += [{"name": "LLM_MODEL_PATH", "value": f"{KSERVE_MODELS}/{HF_MODEL.rsplit('/', 1)[1]}"},
+                {"name": "SERVED_MODEL_NAME", "value": served}]  # fmt: skip
     return {
         "runtime": f"{spec.name}-{b.name}",
         "isvc": f"{spec.name}-{b.name}",
         "image": w.image,
         "env": [e for e in env if e["name"] not in ("LLAMA_ARG_MODELS_PRESET", "LLAMA_ARG_OFFLINE")],
         "storage_uri": f"oci+native://{weights}",
+        # the model format the ServingRuntime declares (KServe's names: its llama.cpp and Hugging Face runtimes')
+        **(
+            {"format": "gguf", "format_version": "3", "format_title": "GGUF"}
+            if b.serves_gguf(spec)
+            else {"format": "huggingface", "format_version": "1", "format_title": "Hugging Face folder (model/)"}
+        ),
         "labels": {k: v for k, v in w.labels.items() if k != "app.kubernetes.io/name"},
     }
 

@@ -5,11 +5,12 @@ client's own credentials) and compared; any mismatch or failure names the image 
 The verified `ref@digest` of each backend is recorded in build/<name>/pushed.json, where
 `builder k8s` finds it to pin the manifests' images by digest.
 
-Beside a backend that serves mounted weights (llama.cpp), its engine image (`BACKEND-engine:PIN`, no weights),
-the weights image (`NAME-weights:TAG`, FROM scratch, the runtime's own GGUF layer: the registry already has
-it) and one image per adapter served unmerged (`NAME-lora:TAG-ADAPTER`) are pushed and recorded the same
-way (keys `BACKEND-engine`, `weights`, `lora:ADAPTER`), then the GGUF as model artifacts (`NAME-model`,
-builder/image/artifacts.py; keys `model:TAG...`).
+Beside a backend that serves mounted weights (llama.cpp, vLLM), its engine image (`BACKEND-engine:PIN`, no
+weights), the weights image (`NAME-weights[SUFFIX]:TAG`, FROM scratch, the runtime's own weights layer: the
+registry already has it) and one image per adapter served unmerged (`NAME-lora[SUFFIX]:TAG-ADAPTER`) are pushed
+and recorded the same way (keys `BACKEND-engine`, `weights[SUFFIX]`, `lora[SUFFIX]:ADAPTER`; SUFFIX names a
+format other than GGUF, `-hf` for vLLM's Hugging Face folders), then, for a GGUF, the GGUF as model artifacts
+(`NAME-model`, builder/image/artifacts.py; keys `model:TAG...`): that format is GGUF only.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ from builder.spec import BuildSpec
 console = Console(stderr=True)
 # pushed.json keys beside the backends': the weights image, each adapter's image, each model artifact (by tag)
 WEIGHTS, LORA, ARTIFACT = "weights", "lora:", "model:"
+
+
+def weights_key(backend: str) -> str:
+    """pushed.json's key of `backend`'s weights image: `weights` (GGUF), `weights-hf` (vLLM)."""
+    return WEIGHTS + backends.get(backend).weights_suffix
+
+
+def lora_key(backend: str, adapter: str) -> str:
+    """pushed.json's key of `backend`'s image of `adapter`: `lora:NAME` (GGUF LoRA), `lora-hf:NAME` (vLLM)."""
+    return f"{LORA[:-1]}{backends.get(backend).weights_suffix}:{adapter}"
 
 
 def _manifest(docker: Docker, ref: str) -> dict:
@@ -108,14 +119,14 @@ def mounted_refs(spec: BuildSpec, backend: str) -> dict[str, str]:
     builds them): its engine, the weights, and one image per adapter (those built: the adapters it serves)."""
     return {
         f"{backend}-engine": spec.engine_image(backend),
-        WEIGHTS: spec.weights_image(),
-        **{f"{LORA}{name}": spec.lora_image(name) for name in served_adapters(spec)},
+        weights_key(backend): spec.weights_image(backend),
+        **{lora_key(backend, name): spec.lora_image(name, backend) for name in served_adapters(spec)},
     }
 
 
 def push_mounted(spec: BuildSpec, docker: Docker, backend: str, workdir: Path = Path("build")) -> dict[str, str]:
-    """Push the engine, weights and adapter images of `backend`, then the GGUF (and each adapter's LoRA GGUF)
-    as model artifacts."""
+    """Push the engine, weights and adapter images of `backend`, then, when it serves a GGUF, the GGUF (and each
+    adapter's LoRA GGUF) as model artifacts (Docker's model format and ModelPack here are GGUF only)."""
     local = spec.model_copy(update={"registry": None})
     pushed: dict[str, str] = {}
     loras: dict[str, str] = {}
@@ -128,16 +139,16 @@ def push_mounted(spec: BuildSpec, docker: Docker, backend: str, workdir: Path = 
         pushed[ref] = digest
         if key.startswith(LORA):
             loras[key.removeprefix(LORA)] = ref
-    if spec.weights_image() not in pushed:
+    if spec.weights_image(backend) not in pushed or not backends.get(backend).serves_gguf(spec):
         return pushed
     quant = backends.get(backend).quant_for(spec) or ""
     folder = workdir / spec.name
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".artifact-") as tmp:
-        gguf = copy_out(docker, spec.weights_image(), BASE_GGUF, Path(tmp) / "model.gguf")
+        gguf = copy_out(docker, spec.weights_image(backend), BASE_GGUF, Path(tmp) / "model.gguf")
         lora_files = {n: copy_out(docker, ref, lora_path(n), Path(tmp) / f"lora-{n}.gguf") for n, ref in loras.items()}
         license_file, template = artifacts.model_folder_files(spec)
-        created = docker.inspect(spec.weights_image())["Created"]
+        created = docker.inspect(spec.weights_image(backend))["Created"]
         files = artifacts.ModelFiles(gguf, quant, created, lora_files, license_file, template)
         for ref, digest in artifacts.push_model(spec, files).items():
             console.print(f"[green]pushed[/] model artifact {ref}@{digest}")

@@ -8,7 +8,9 @@ that base and adapter requests batched together answer what they answer alone (n
 into another adapter: `tests/_mixed_batch.py` tells a leak from numerical drift); that hostile bodies and hung-up
 streams, and work over the image's per-request limits (refused naming the limit) leave it serving; and that
 vLLM's greedy token ids at float32 are transformers' (base) and peft's unmerged (adapter), for the demo GLM and
-a tiny Llama.
+a tiny Llama. The unmerged build's engine image (the runtime without weights), started with the weights image and
+each adapter's image mounted as volumes, serves the same names and greedy tokens as the baked image, and those
+images hold the baked image's own layers.
 
 E2E_VLLM_MAX_LORAS=N starts the server with `--max-loras N` instead (LLM_EXTRA_ARGS, last flag wins): with N = the
 number of adapters, vLLM's CPU LoRA kernels apply the last adapter to base requests in a mixed batch, and
@@ -71,8 +73,10 @@ def images(docker_engine, local_bases, demo_models, tmp_path_factory):
         build(spec, workdir=tmp / key, env_file=tmp / f"{key}.env")
         TIMINGS[f"build {key}"] = time.monotonic() - start
     yield {"base": demo_models["base"], "specs": specs, "tmp": tmp}
-    for spec in specs.values():
-        docker("rmi", "-f", spec.image("vllm"), check=False)
+    for spec in specs.values():  # the tags these builds made (the layers stay in the build cache)
+        refs = [spec.image("vllm"), spec.weights_image("vllm"), *(spec.lora_image(n, "vllm") for n in spec.adapters)]
+        docker("rmi", "-f", *refs, check=False)
+    docker("rmi", "-f", specs["serve"].engine_image("vllm"), check=False)
 
 
 def _compose(images, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -274,13 +278,13 @@ def test_greedy_ids_at_float32_are_transformers_and_peft_unmerged(served, images
         assert _vllm_ids(served["client"], "tuned", ids, 12) == _reference_ids(tuned, ids, 12), ids
 
 
-def _run_image(image: str, container: str, port: int) -> openai.OpenAI:
-    """`docker run` the image as compose would (read-only root, a writable ~/.cache, no capabilities); the client
-    once /v1/models answers."""
+def _run_image(image: str, container: str, port: int, *more: str) -> openai.OpenAI:
+    """`docker run` the image as compose would (read-only root, a writable ~/.cache, no capabilities; `more`: more
+    `docker run` options); the client once /v1/models answers."""
     docker("rm", "-f", "-v", container, check=False)
     docker("run", "-d", "--name", container, "--shm-size", "512m", "--read-only", "--tmpfs", "/tmp",
            "-v", "/home/app/.cache", "--cap-drop", "ALL", "-e", f"VLLM_API_KEY={API_KEY}",
-           "-e", f"VLLM_CPU_KVCACHE_SPACE={KV_CACHE_GIB}", "-p", f"127.0.0.1:{port}:8000", image)  # fmt: skip
+           "-e", f"VLLM_CPU_KVCACHE_SPACE={KV_CACHE_GIB}", "-p", f"127.0.0.1:{port}:8000", *more, image)  # fmt: skip
     client = _client(port)
     deadline = time.monotonic() + 300
     while True:
@@ -291,6 +295,69 @@ def _run_image(image: str, container: str, port: int) -> openai.OpenAI:
             if time.monotonic() > deadline:
                 pytest.fail(docker("logs", container, check=False).stderr[-4000:], pytrace=False)
             time.sleep(2)
+
+
+def _layers(ref: str) -> list[str]:
+    """The image's uncompressed layer digests (`docker image inspect` RootFS.Layers), bottom first."""
+    return json.loads(docker("image", "inspect", ref).stdout)[0]["RootFS"]["Layers"]
+
+
+def _volume_from(image: str, path: str, volume: str) -> None:
+    """A fresh named volume holding what the (FROM scratch) `image` has under `path`: Docker copies an image's
+    files into an empty named volume mounted on them when the container is created (`none`: never run)."""
+    docker("volume", "rm", "-f", volume, check=False)
+    docker("volume", "create", volume)
+    cid = docker("create", "-v", f"{volume}:{path}", image, "none").stdout.strip()
+    docker("rm", "-f", cid, check=False)
+
+
+def test_engine_with_weights_mounted_from_their_images_answers_like_the_baked_image(served, images):
+    """The model-independent engine image (`vllm-engine:VERSION-cpu`) with the weights image and each adapter's
+    image mounted read-only, as named volumes populated from those images: the same names and the same greedy
+    tokens as the baked image; the weights image's one layer is the baked image's weights layer, the adapters'
+    its adapter layers, the engine's layers its bottom ones (uncompressed digests, `docker image inspect`)."""
+    spec = images["specs"]["serve"]
+    runtime, engine = _layers(spec.image("vllm")), _layers(spec.engine_image("vllm"))
+    weights = _layers(spec.weights_image("vllm"))
+    adapters = [_layers(spec.lora_image(n, "vllm")) for n in spec.adapters]
+    assert len(weights) == 1 and all(len(a) == 1 for a in adapters)
+    # the engine's layers are the runtime's bottom ones and its last (WORKDIR's empty layer, after the weights in the
+    # runtime); between them the runtime holds exactly the weights layer and each adapter's
+    bottom, workdir = engine[:-1], engine[-1]
+    assert runtime == bottom + weights + [a[0] for a in adapters] + [workdir], (runtime, engine, weights, adapters)
+    baked_env = dict(e.split("=", 1) for e in json.loads(docker("image", "inspect", spec.image("vllm")).stdout)[0]
+                     ["Config"]["Env"])  # fmt: skip
+    volumes = {f"{PROJECT}-weights": (spec.weights_image("vllm"), "/models", "/models")}
+    for name in spec.adapters:
+        volumes[f"{PROJECT}-lora-{name}"] = (spec.lora_image(name, "vllm"), "/models/lora", f"/adapters/{name}")
+    args = ["-e", f"SERVED_MODEL_NAME={spec.served_model_name}", "-e", "LLM_DTYPE=float32",
+            "-e", "LLM_LORA_MODULES=" + " ".join(f"{n}=/adapters/{n}/{n}" for n in spec.adapters),
+            "-e", f"LLM_MAX_LORA_RANK={baked_env['LLM_MAX_LORA_RANK']}"]  # fmt: skip
+    for volume, (image, path, mount) in volumes.items():
+        _volume_from(image, path, volume)
+        args += ["-v", f"{volume}:{mount}:ro"]
+    container = f"{PROJECT}-engine"
+    start = time.monotonic()
+    try:
+        client = _run_image(spec.engine_image("vllm"), container, MERGED_PORT, *args)
+        TIMINGS["engine up (mounted weights)"] = time.monotonic() - start
+        models = {m.id: m.model_extra.get("parent") for m in client.models.list().data}
+        baked = {m.id: m.model_extra.get("parent") for m in served["client"].models.list().data}
+        assert models == baked, (models, baked)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(images["base"])
+        for prompt in demo.DEMO_PROMPTS:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+            for name in (served["base"], *spec.adapters):
+                want = _vllm_ids(served["client"], name, ids, 12)
+                assert _vllm_ids(client, name, ids, 12) == want, (name, prompt)
+            assert _ask(client, "tuned", prompt).strip() == demo.LORA_ANSWERS[prompt].strip(), prompt
+    finally:
+        docker("rm", "-f", "-v", container, check=False)
+        for volume in volumes:
+            docker("volume", "rm", "-f", volume, check=False)
 
 
 def test_the_merged_build_answers_the_adapters_line(images):

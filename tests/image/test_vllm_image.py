@@ -171,10 +171,10 @@ def test_our_variables_are_out_of_vllms_namespace():
 
 def test_the_build_checks_the_chat_template_and_the_docs_say_how_to_give_one():
     dockerfile, _, _ = vllm_files(BuildSpec())
-    stage = dockerfile[dockerfile.index("FROM model AS chat-template") :]
-    assert "python3 -m builder.runtime.vllm_boot chat-template /out/model" in stage
+    stage = dockerfile[dockerfile.index("FROM build-env AS chat-template") :]
+    assert "python3 -m builder.runtime.vllm_boot chat-template /w/models/model" in stage
     # the runtime's weights come from that stage, so the check is never skipped
-    assert "COPY --from=chat-template --chown=10001:10001 /out/model /models/model" in dockerfile
+    assert "COPY --from=chat-template /w/ /" in dockerfile[dockerfile.index(" AS runtime") :]
     page = (ROOT / "docs" / "vllm.md").read_text()
     section = page[page.index("## A model without a chat template") :]
     assert "--chat-template" in section and "LLM_EXTRA_ARGS" in section
