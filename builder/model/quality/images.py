@@ -37,17 +37,18 @@ def image_type(data: bytes) -> str | None:
 def _decode(ref: str) -> bytes:
     m = _DATA_URL.fullmatch(ref.strip())
     if not m:
-        raise ValueError("a data: URL must be data:image/<type>;base64,<bytes>")
+        raise ValueError("is not a data:image/<type>;base64,<bytes> URL")
     try:
         return base64.b64decode(m.group(2), validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("its data: URL is not valid base64") from None
+        raise ValueError("is a data: URL that is not valid base64") from None
 
 
 def _read(ref: str, base: Path) -> bytes:
     if re.match(r"[a-z][a-z0-9+.-]*://", ref, re.IGNORECASE):
         raise ValueError(
-            "images are never fetched: give a path relative to the EVAL file, or a data:image/...;base64 URL"
+            "is a network URL, and images are never fetched: give a path relative to the EVAL file, or a "
+            "data:image/...;base64 URL"
         )
     path = Path(ref) if Path(ref).is_absolute() else base / ref
     if not path.is_file():
