@@ -183,3 +183,25 @@ def test_image_prompts_without_an_mmproj_are_refused(tiny_vl, tmp_path):
     with pytest.raises(BuilderError, match=r"2 eval prompt\(s\) show images, but model.gguf has no mmproj"):
         measure(Served(tiny_vl["text"], mmproj=tiny_vl["mmproj"]), [Artifact(Served(tiny_vl["artifact_text"]), "f32")],
                 work=tmp_path, eval_file=tiny_vl["eval"], progress=lambda _: None)  # fmt: skip
+
+
+def test_the_quality_stage_of_a_vision_image_measures_its_mmproj(tmp_path, pngs):
+    """The llama.cpp image's quality stage mounts the mmproj stage and passes it, and the build context's EVAL holds
+    the images inline."""
+    pytest.importorskip("torch")
+    from builder.demo.tiny_vision import make_random_qwen2_vl
+    from builder.image.build import prepare_context
+    from builder.image.render import render_text
+    from builder.selection import select_backends
+    from builder.spec import load_spec, read_model_config
+
+    folder = make_random_qwen2_vl(tmp_path / "vl")
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", [swift("<image>What?", ["img/0.png"])])
+    spec = load_spec({"model": str(folder), "backends": "llamacpp", "quality": "on", "quality_eval": str(eval_file)})
+    dockerfile = render_text(spec, select_backends(spec, read_model_config(spec)))["Dockerfile.llamacpp"]
+    stage = dockerfile.split("AS quality-measure", 1)[1].split("FROM scratch AS quality", 1)[0]
+    assert "--mount=type=bind,from=mmproj,source=/w/models,target=/in/mmproj" in stage
+    assert "--mmproj /in/mmproj/mmproj.gguf" in stage and "--eval /ctx/quality/eval.jsonl" in stage
+    ctx = prepare_context(spec, tmp_path / "build")
+    [record] = prompts.read_records(ctx / "quality" / "eval.jsonl")
+    assert record["images"] == [data_url(pngs[0].read_bytes())]
