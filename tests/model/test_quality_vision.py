@@ -177,12 +177,19 @@ def test_image_part_of_the_report_f32_against_f32(tiny_vl, tmp_path):
     assert "image eval same" in shown and "image prompt '<image>Describe.' differs from token" in shown
 
 
-def test_image_prompts_without_an_mmproj_are_refused(tiny_vl, tmp_path):
-    from builder.model.quality import Artifact, Served, measure
+def test_image_prompts_need_an_mmproj_on_both_sides_or_are_left_out(tiny_vl, tmp_path):
+    from builder.model.quality import Artifact, Served, Settings, measure
 
     with pytest.raises(BuilderError, match=r"2 eval prompt\(s\) show images, but model.gguf has no mmproj"):
         measure(Served(tiny_vl["text"], mmproj=tiny_vl["mmproj"]), [Artifact(Served(tiny_vl["artifact_text"]), "f32")],
                 work=tmp_path, eval_file=tiny_vl["eval"], progress=lambda _: None)  # fmt: skip
+    said = []
+    [text_only] = measure(
+        Served(tiny_vl["text"]), [Artifact(Served(tiny_vl["artifact_text"]), "f32")], work=tmp_path,
+        eval_file=tiny_vl["eval"], settings=Settings(ctx=128, chunks=2, n_predict=4), progress=said.append,
+    )  # fmt: skip
+    assert text_only.image_eval_total == 0 and text_only.eval_total == len(prompts.BUILTIN_PROMPTS)
+    assert any("2 eval prompt(s) with images left out" in line for line in said)
 
 
 def test_the_quality_stage_of_a_vision_image_measures_its_mmproj(tmp_path, pngs):

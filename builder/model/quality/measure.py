@@ -68,13 +68,21 @@ def split_prompts(prompts: Sequence[EvalPrompt]) -> tuple[list[EvalPrompt], list
     return (text or list(BUILTIN_PROMPTS)) if images else text, images
 
 
-def _check_mmproj(images: Sequence[EvalPrompt], served: Sequence[Served]) -> None:
+def _image_prompts_for(
+    images: list[EvalPrompt], served: Sequence[Served], progress: Callable[[str], None]
+) -> list[EvalPrompt]:
+    """The image prompts to answer: all of them when every model has an mmproj, none (said so) when none has
+    one (a text-only comparison, `make quality`); BuilderError when only some have one."""
     missing = [m.describe() for m in served if m.mmproj is None]
-    if images and missing:
-        raise BuilderError(
-            f"{len(images)} eval prompt(s) show images, but {', '.join(missing)} has no mmproj (the vision tower "
-            "and projector of a vision-language model): give --mmproj, or an EVAL without images"
-        )
+    if not images or not missing:
+        return images
+    if len(missing) == len(served):
+        progress(f"{len(images)} eval prompt(s) with images left out: no mmproj to answer them (the text part only)")
+        return []
+    raise BuilderError(
+        f"{len(images)} eval prompt(s) show images, but {', '.join(missing)} has no mmproj (the vision tower "
+        "and projector of a vision-language model) while the others have one: give --mmproj for each"
+    )
 
 
 def _found(rows: list[dict], key: str) -> int | None:
@@ -96,7 +104,7 @@ def measure(
     """One QualityEntry per artifact, in order; artifacts that load the same files are measured once."""
     s = settings or Settings()
     text_prompts, image_prompts = split_prompts(list(prompts) if prompts is not None else load_eval(eval_file))
-    _check_mmproj(image_prompts, [reference, *(a.served for a in artifacts)])
+    image_prompts = _image_prompts_for(image_prompts, [reference, *(a.served for a in artifacts)], progress)
     prompts = text_prompts + image_prompts  # one server per model answers both; the rows are split after
     with tempfile.TemporaryDirectory(prefix="builder-quality-", dir=work) as tmp:
         tmp_path = Path(tmp)
