@@ -28,7 +28,7 @@ from builder.files import write_atomic
 from builder.image import quality
 from builder.image.docker import Docker
 from builder.image.render import render_all
-from builder.model.quality.prompts import load_eval
+from builder.model.quality.prompts import copy_eval, load_eval
 from builder.model.quality.report import QualityEntry, check_threshold
 from builder.selection import Selection, select_backends
 from builder.spec import BuildSpec, read_model_config
@@ -89,7 +89,7 @@ def prepare_context(
     shutil.copytree(PACKAGE, ctx / "src" / "builder", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (ctx / "quality").mkdir()  # the quality stage's inputs: EVAL's prompts
     if spec.quality_eval is not None:
-        shutil.copy2(spec.quality_eval, ctx / "quality" / "eval.jsonl")
+        copy_eval(spec.quality_eval, ctx / "quality" / "eval.jsonl")  # images inline: nothing read outside it
     for name, source in (
         ("model", Path(spec.model) if spec.model_source == "local" else None),
         ("adapter", adapter),

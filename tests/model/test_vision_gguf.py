@@ -120,3 +120,16 @@ def test_a_language_model_lora_served_unmerged_answers_as_peft(served, tmp_path)
     with llama_server(text, "--mmproj", str(mmproj), "--lora", str(lora), "--temp", "0") as lora_url:
         got = ask(lora_url, data_url(png_bytes(pixels)))["choices"][0]["message"]["content"]
     assert got == want, f"llama-server with the LoRA {got!r}, peft {want!r}"
+
+
+def test_an_image_just_over_the_byte_limit_is_a_400_naming_it(served):
+    """One byte over LLAMA_MEDIA_MAX_BYTES (20 MiB by default) once decoded from base64: refused before decoding,
+    with the size and the limit, and the server goes on answering."""
+    _, _, url = served
+    good = png_bytes(make_pixels(seed=0))
+    limit = 20 * 1024 * 1024
+    big = good + b"\0" * (limit + 1 - len(good))  # a real PNG with trailing bytes: only the size is wrong
+    code, message = status_of(url, data_url(big))
+    assert code == 400, f"{code} {message}"
+    assert f"image of {limit + 1} bytes is over the limit of {limit} (LLAMA_MEDIA_MAX_BYTES)" in message, message
+    assert ask(url, data_url(good), n=2)["choices"][0]["message"]["content"]  # still answering

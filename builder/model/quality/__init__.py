@@ -2,8 +2,9 @@
 
 For each quantized GGUF (merged, or a base with LoRA GGUFs served unmerged): KL divergence, top-1
 agreement and perplexity ratio against the f16/bf16 reference with llama.cpp's own
-`llama-perplexity`, greedy answers to eval prompts compared token by token through `llama-server`,
-decode speed, and the cost of measuring; optionally an importance matrix (`llama-imatrix`) from the
+`llama-perplexity`, greedy answers to eval prompts compared token by token through `llama-server`
+(for a vision-language model also to the eval prompts with images, text GGUF + mmproj: the report's
+image part), decode speed, and the cost of measuring; optionally an importance matrix (`llama-imatrix`) from the
 user's calibration data for `llama-quantize`.
 
 API: `measure(reference, artifacts)` (the build stage: the artifacts it built), `compare_quants(

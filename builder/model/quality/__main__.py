@@ -4,6 +4,7 @@ python -m builder.model.quality --reference model-f16.gguf --quants q8_0,q5_k_m,
 python -m builder.model.quality --reference my-hf-model/ --lora adapter.gguf --eval eval.jsonl --calibration data.jsonl
 python -m builder.model.quality --reference model-f16.gguf --artifact q4_0=model-q4_0.gguf --min-top1 0.9
 python -m builder.model.quality --reference merged-model/ --artifact q4_k_m=model.gguf   (the image's quality stage)
+python -m builder.model.quality --reference vl-model/ --artifact q4_k_m=model.gguf --mmproj mmproj.gguf --eval eval.jsonl
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lora", type=Path, action="append", default=[], help="LoRA GGUF served unmerged on top (repeatable)"
     )
+    p.add_argument(
+        "--mmproj", type=Path, help="the artifacts' mmproj GGUF (vision-language models: answers EVAL's images)"
+    )
+    p.add_argument(
+        "--reference-mmproj", type=Path, help="the reference's mmproj (default: f16, from the --reference folder)"
+    )
     p.add_argument("--quants", help="comma list of GGUF types to make from the reference and compare")
     p.add_argument(
         "--artifact", action="append", default=[], metavar="TYPE=GGUF", help="an existing artifact to measure"
@@ -53,14 +60,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _artifacts(specs: list[str], loras: tuple[Path, ...]) -> list[Artifact]:
+def _artifacts(specs: list[str], loras: tuple[Path, ...], mmproj: Path | None = None) -> list[Artifact]:
     out = []
     for spec in specs:
         quant, sep, path = spec.partition("=")
         if not sep or not path:
             raise BuilderError(f"--artifact {spec!r}: give TYPE=PATH, e.g. q4_0=build/model.gguf")
-        out.append(Artifact(Served(Path(path), loras), quant))
+        out.append(Artifact(Served(Path(path), loras, mmproj), quant))
     return out
+
+
+def _reference_mmproj(a: argparse.Namespace) -> Path | None:
+    """The reference's mmproj: --reference-mmproj, else (with --mmproj) f16 from the --reference folder."""
+    if a.reference_mmproj is not None or a.mmproj is None:
+        return a.reference_mmproj
+    if not a.reference.is_dir():
+        raise BuilderError("--mmproj with a GGUF --reference: give the reference's own --reference-mmproj too")
+    from builder.model.gguf.convert import convert_mmproj
+
+    return convert_mmproj(a.reference, a.out / "reference-mmproj-f16.gguf", "f16", quiet=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ref_file = reference_gguf(a.reference, a.out) if a.reference.is_dir() else a.reference
             loras = tuple(a.lora)
-            reference = Served(ref_file, loras)
+            reference = Served(ref_file, loras, _reference_mmproj(a))
             entries = measure(
-                reference, _artifacts(a.artifact, loras), work=a.out, text=a.text, eval_file=a.eval, settings=settings
+                reference,
+                _artifacts(a.artifact, loras, a.mmproj),
+                work=a.out,
+                text=a.text,
+                eval_file=a.eval,
+                settings=settings,
             )
         write_report(entries, a.out / "quality.json")
         print_report(entries)

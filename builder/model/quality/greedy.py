@@ -51,7 +51,7 @@ def _post(url: str, body: dict, timeout: float = 300) -> dict:
 def server(model: Served, ctx: int = 4096, start_timeout: float = 300) -> Iterator[tuple[str, subprocess.Popen]]:
     """A llama-server on `model` (one slot, greedy-safe); yields its URL and process once /health is 200."""
     port = free_port()
-    cmd = [str(binary("llama-server")), *model.args(), "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [str(binary("llama-server")), *model.server_args(), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["-np", "1", "-c", str(ctx), "-t", str(threads()), "--no-webui", "--no-warmup"]
     with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -102,13 +102,32 @@ def ask(url: str, prompt: EvalPrompt, n_predict: int) -> tuple[Answer, dict]:
     return Answer(tuple(out.get("tokens") or ()), out.get("content", "")), out.get("timings") or {}
 
 
+def ask_with_images(url: str, prompt: EvalPrompt, n_predict: int) -> tuple[Answer, dict]:
+    """One greedy answer to a prompt with images, through the OpenAI chat API (image_url data: parts, the
+    way clients send them), its token ids from `logprobs`, and the server's timings."""
+    body = {
+        "messages": list(prompt.messages),
+        "max_tokens": n_predict,
+        "temperature": 0.0,
+        "top_k": 1,
+        "seed": 0,
+        "cache_prompt": False,
+        "logprobs": True,
+        "top_logprobs": 1,
+    }
+    out = _post(url + "/v1/chat/completions", body)
+    choice = out["choices"][0]
+    tokens = tuple(int(t["id"]) for t in (choice.get("logprobs") or {}).get("content") or ())
+    return Answer(tokens, choice["message"].get("content") or ""), out.get("timings") or {}
+
+
 def greedy_answers(model: Served, prompts: Sequence[EvalPrompt], n_predict: int = 48) -> EvalRun:
     """Every prompt's greedy answer from `model`, its decode speed, and the cost (server start included)."""
     start = time.monotonic()
     answers, decoded, decode_ms = [], 0, 0.0
     with server(model) as (url, proc):
         for prompt in prompts:
-            answer, timings = ask(url, prompt, n_predict)
+            answer, timings = (ask_with_images if prompt.images else ask)(url, prompt, n_predict)
             answers.append(answer)
             decoded += int(timings.get("predicted_n") or 0)
             decode_ms += float(timings.get("predicted_ms") or 0.0)

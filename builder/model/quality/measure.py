@@ -11,7 +11,7 @@ from pathlib import Path
 
 from builder.errors import BuilderError
 from builder.model.quality import greedy, kld
-from builder.model.quality.prompts import BUILTIN_TEXT, EvalPrompt, calibration_text, load_eval
+from builder.model.quality.prompts import BUILTIN_PROMPTS, BUILTIN_TEXT, EvalPrompt, calibration_text, load_eval
 from builder.model.quality.report import QualityEntry
 from builder.model.quality.tools import Cost, Served, threads, tool_version
 
@@ -61,6 +61,30 @@ def _measure_one(
     return stats, answers, greedy.compare_answers(prompts, reference.answers, answers.answers)
 
 
+def split_prompts(prompts: Sequence[EvalPrompt]) -> tuple[list[EvalPrompt], list[EvalPrompt]]:
+    """(text prompts, image prompts); an EVAL of image prompts only is measured on the built-in text ones too."""
+    text = [p for p in prompts if not p.images]
+    images = [p for p in prompts if p.images]
+    return (text or list(BUILTIN_PROMPTS)) if images else text, images
+
+
+def _image_prompts_for(
+    images: list[EvalPrompt], served: Sequence[Served], progress: Callable[[str], None]
+) -> list[EvalPrompt]:
+    """The image prompts to answer: all of them when every model has an mmproj, none (said so) when none has
+    one (a text-only comparison, `make quality`); BuilderError when only some have one."""
+    missing = [m.describe() for m in served if m.mmproj is None]
+    if not images or not missing:
+        return images
+    if len(missing) == len(served):
+        progress(f"{len(images)} eval prompt(s) with images left out: no mmproj to answer them (the text part only)")
+        return []
+    raise BuilderError(
+        f"{len(images)} eval prompt(s) show images, but {', '.join(missing)} has no mmproj (the vision tower "
+        "and projector of a vision-language model) while the others have one: give --mmproj for each"
+    )
+
+
 def _found(rows: list[dict], key: str) -> int | None:
     marks = [r[key] for r in rows if r[key] is not None]
     return sum(marks) if marks else None
@@ -79,12 +103,15 @@ def measure(
 ) -> list[QualityEntry]:
     """One QualityEntry per artifact, in order; artifacts that load the same files are measured once."""
     s = settings or Settings()
-    prompts = list(prompts) if prompts is not None else load_eval(eval_file)
+    text_prompts, image_prompts = split_prompts(list(prompts) if prompts is not None else load_eval(eval_file))
+    image_prompts = _image_prompts_for(image_prompts, [reference, *(a.served for a in artifacts)], progress)
+    prompts = text_prompts + image_prompts  # one server per model answers both; the rows are split after
     with tempfile.TemporaryDirectory(prefix="builder-quality-", dir=work) as tmp:
         tmp_path = Path(tmp)
         sample, sample_name = text_file(text, tmp_path)
         logits = tmp_path / "reference.kld"
-        progress(f"reference {reference.describe()}: logits over {sample_name}, {len(prompts)} eval prompts")
+        shown = f" ({len(image_prompts)} with images)" if image_prompts else ""
+        progress(f"reference {reference.describe()}: logits over {sample_name}, {len(prompts)} eval prompts{shown}")
         _, base_run = kld.save_reference_logits(reference, sample, logits, s.ctx, s.chunks)
         ref_answers = greedy.greedy_answers(reference, prompts, s.n_predict)
         ref_cost = Cost().add(base_run.cost).add(ref_answers.cost)
@@ -95,7 +122,8 @@ def measure(
             if artifact.served not in done:
                 progress(f"{artifact.quant}: {artifact.served.describe()}")
                 done[artifact.served] = _measure_one(artifact, logits, prompts, ref_answers, s)
-            stats, answers, rows = done[artifact.served]
+            stats, answers, all_rows = done[artifact.served]
+            rows, image_rows = all_rows[: len(text_prompts)], all_rows[len(text_prompts) :]
             entries.append(
                 QualityEntry(
                     backend=artifact.backend,
@@ -120,6 +148,9 @@ def measure(
                     reference_peak_rss_mb=round(ref_cost.peak_rss_mb, 1),
                     threads=threads(),
                     eval=rows,
+                    image_eval_same=sum(r["same"] for r in image_rows),
+                    image_eval_total=len(image_rows),
+                    image_eval=image_rows,
                 )
             )
     return entries

@@ -12,7 +12,9 @@ AutoPreprocessor reads and the chat format peft / TRL users keep their data in:
 - plain text: `{"text": ...}` (calibration text only; it has no question to ask)
 
 An eval prompt is the conversation up to its last user turn; the assistant turn after it, or an
-explicit `"expected"` field, is the expected answer.
+explicit `"expected"` field, is the expected answer. A record with SWIFT's `"images"` list is an image
+prompt for a vision-language model (builder/model/quality/images.py: `<image>` placeholders, paths
+relative to the file or data: URLs).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import BuilderError
+from builder.files import write_atomic
+from builder.model.quality.images import content_text, load_images, with_images
 
 USER_ROLES = {"user", "human"}
 ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model"}
@@ -34,10 +38,11 @@ BUILTIN_TEXT = Path(__file__).with_name("sample.txt")
 class EvalPrompt:
     messages: tuple[dict, ...]  # chat messages, the last one the user's
     expected: str | None = None
+    images: tuple[str, ...] = ()  # data: URLs of the images its messages show (image_url parts), in order
 
     @property
     def question(self) -> str:
-        return self.messages[-1]["content"]
+        return content_text(self.messages[-1]["content"])
 
 
 # A small default set: facts, arithmetic, instructions, code, a non-English prompt.
@@ -120,8 +125,9 @@ def record_messages(record: dict) -> list[dict] | None:
     return messages
 
 
-def read_records(path: Path) -> list[dict]:
-    """The records of a JSONL file (or of a JSON file holding a list), each a JSON object."""
+def read_numbered(path: Path) -> list[tuple[str, dict]]:
+    """The records of a JSONL file (or of a JSON file holding a list), each a JSON object, with where it is
+    ("line 3" of a JSONL file, "record 3" of a JSON list)."""
     path = Path(path)
     try:
         raw = path.read_text(encoding="utf-8")
@@ -132,30 +138,46 @@ def read_records(path: Path) -> list[dict]:
             records = json.loads(raw)
         except json.JSONDecodeError as e:
             raise BuilderError(f"{path} is not valid JSON ({e}); give JSONL, one record per line") from None
-        numbered = list(enumerate(records, 1))
+        numbered = [(f"record {n}", r) for n, r in enumerate(records, 1)]
     else:
         numbered = []
         for n, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                numbered.append((n, json.loads(line)))
+                numbered.append((f"line {n}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise BuilderError(f"{path} line {n} is not JSON ({e.msg}); give JSONL, one record per line") from None
-    for n, record in numbered:
+    for n, (_, record) in enumerate(numbered, 1):
         if not isinstance(record, dict):
             raise BuilderError(f"{path} record {n} is not a JSON object")
-    return [r for _, r in numbered]
+    return numbered
 
 
-def _prompt_of(messages: list[dict], expected: str | None) -> EvalPrompt | None:
+def read_records(path: Path) -> list[dict]:
+    """The records of a JSONL file (or of a JSON file holding a list), each a JSON object."""
+    return [r for _, r in read_numbered(path)]
+
+
+def _prompt_of(messages: list[dict], expected: str | None, images: tuple[str, ...] = ()) -> EvalPrompt | None:
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
     if last_user is None:
         return None
     after = messages[last_user + 1 :]
     if expected is None and after and after[0]["role"] == "assistant":
-        expected = after[0]["content"]
-    return EvalPrompt(tuple(messages[: last_user + 1]), expected)
+        expected = content_text(after[0]["content"])
+    return EvalPrompt(tuple(messages[: last_user + 1]), expected, images)
+
+
+def _image_prompt(path: Path, where: str, record: dict, messages: list[dict]) -> EvalPrompt | None:
+    """The prompt of a record with SWIFT's `images`: each image read and checked, `<image>` placeholders as
+    image_url parts; BuilderError naming the line and the image."""
+    try:
+        urls = load_images(record["images"], Path(path).parent)
+        messages = with_images(messages, urls)
+    except ValueError as e:
+        raise BuilderError(f"EVAL file {path} {where}: {e}") from None
+    return _prompt_of(messages, record.get("expected"), tuple(urls))
 
 
 def load_eval(path: Path | None, limit: int = 32) -> list[EvalPrompt]:
@@ -163,19 +185,44 @@ def load_eval(path: Path | None, limit: int = 32) -> list[EvalPrompt]:
     if path is None:
         return list(BUILTIN_PROMPTS)
     prompts = []
-    for n, record in enumerate(read_records(path), 1):
+    for n, (where, record) in enumerate(read_numbered(path), 1):
         try:
             messages = record_messages(record)
         except (ValueError, TypeError, IndexError, AttributeError) as e:
             raise BuilderError(
                 f"EVAL file {path} record {n}: {e}; see `python -m builder.model.quality --help`"
             ) from None
-        prompt = _prompt_of(messages, record.get("expected")) if messages else None
+        if messages and record.get("images"):
+            prompt = _image_prompt(path, where, record, messages)
+        else:
+            prompt = _prompt_of(messages, record.get("expected")) if messages else None
         if prompt is not None:
             prompts.append(prompt)
     if not prompts:
         raise BuilderError(f"EVAL file {path} holds no record with a user message to ask")
     return prompts[:limit]
+
+
+def copy_eval(source: Path, dest: Path) -> Path:
+    """EVAL into a build context: the file as it is, or, when records show images, each record with its
+    `images` read, checked and written inline as data: URLs (the build never reads a path outside the
+    context, nor fetches anything)."""
+    import shutil
+
+    source, dest = Path(source), Path(dest)
+    numbered = read_numbered(source)
+    if not any(r.get("images") for _, r in numbered):
+        shutil.copy2(source, dest)
+        return dest
+    lines = []
+    for where, record in numbered:
+        if record.get("images"):
+            try:
+                record = {**record, "images": load_images(record["images"], source.parent)}
+            except ValueError as e:
+                raise BuilderError(f"EVAL file {source} {where}: {e}") from None
+        lines.append(json.dumps(record, ensure_ascii=False))
+    return write_atomic(dest, "\n".join(lines) + "\n")
 
 
 def render_messages(messages: list[dict]) -> str:

@@ -15,7 +15,8 @@ HOW_TO_READ = (
     "KL: mean KL divergence of the artifact's next-token distribution from the reference's (0 = identical; "
     "llama.cpp's rule of thumb: < 0.01 hard to tell apart, > 0.1 noticeable). top-1: how often both pick "
     "the same next token. PPL ratio: perplexity of the artifact / of the reference on the same text. "
-    "eval: prompts whose greedy answer is token for token the reference's."
+    "eval: prompts whose greedy answer is token for token the reference's; image eval: the same for the "
+    "eval prompts with images (vision-language models: text GGUF + mmproj against the reference's)."
 )
 
 
@@ -50,6 +51,9 @@ class QualityEntry:
     reference_peak_rss_mb: float = 0.0
     threads: int = 0
     eval: list[dict] = field(default_factory=list)
+    image_eval_same: int = 0  # eval prompts with images (vision-language models) answered token for token alike
+    image_eval_total: int = 0
+    image_eval: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,8 +88,9 @@ def summary(entries: Sequence[QualityEntry]) -> str:
         if _label(e) in seen:
             continue
         seen.add(_label(e))
+        images = f", image eval {e.image_eval_same}/{e.image_eval_total}" if e.image_eval_total else ""
         parts.append(
-            f"{_label(e)}: KL {e.kl_mean:.4f}, top-1 {e.top1_agreement:.3f}, eval {e.eval_same}/{e.eval_total}"
+            f"{_label(e)}: KL {e.kl_mean:.4f}, top-1 {e.top1_agreement:.3f}, eval {e.eval_same}/{e.eval_total}{images}"
         )
     return "; ".join(parts)
 
@@ -99,6 +104,7 @@ def table(entries: Sequence[QualityEntry], title: str | None = None):
     from rich.table import Table
 
     first = entries[0]
+    images = any(e.image_eval_total for e in entries)
     t = Table(title=title or f"quality vs {first.reference} ({first.tool_version}, {first.kl_chunks} x 512 tokens)")
     for col in (
         "backend",
@@ -109,6 +115,7 @@ def table(entries: Sequence[QualityEntry], title: str | None = None):
         "top-1",
         "PPL ratio",
         "eval same",
+        *(["image eval same"] if images else []),
         "decode tok/s",
         "time s",
         "peak RSS MB",
@@ -116,13 +123,14 @@ def table(entries: Sequence[QualityEntry], title: str | None = None):
         t.add_column(col, justify="left" if col in ("backend", "type") else "right")
     ref_eval = "" if first.reference_expected_found is None else f"(expected {first.reference_expected_found})"
     t.add_row(
-        "reference", "", _mb(first.reference_size_bytes), "0", "0", "1", "1", ref_eval,
+        "reference", "", _mb(first.reference_size_bytes), "0", "0", "1", "1", ref_eval, *([""] if images else []),
         f"{first.reference_decode_tokens_per_s:.1f}", f"{first.reference_wall_s:.1f}", f"{first.reference_peak_rss_mb:.0f}",
     )  # fmt: skip
     for e in entries:
         t.add_row(
             e.backend, _label(e), _mb(e.size_bytes), f"{e.kl_mean:.4f}", f"{e.kl_p99:.3f}", f"{e.top1_agreement:.3f}",
-            f"{e.ppl_ratio:.3f}", f"{e.eval_same}/{e.eval_total}", f"{e.decode_tokens_per_s:.1f}", f"{e.wall_s:.1f}",
+            f"{e.ppl_ratio:.3f}", f"{e.eval_same}/{e.eval_total}",
+            *([f"{e.image_eval_same}/{e.image_eval_total}"] if images else []), f"{e.decode_tokens_per_s:.1f}", f"{e.wall_s:.1f}",
             f"{e.peak_rss_mb:.0f}",
         )  # fmt: skip
     return t
@@ -132,11 +140,13 @@ def eval_differences(entries: Sequence[QualityEntry]) -> list[str]:
     """One line per prompt whose answer differs from the reference's."""
     lines = []
     for e in entries:
-        for row in e.eval:
-            if not row.get("same"):
-                lines.append(
-                    f"{e.backend} {_label(e)}: {row['prompt'][:60]!r} differs from token {row['differs_at_token']}"
-                )
+        for part, rows in (("", e.eval), ("image prompt ", e.image_eval)):
+            for row in rows:
+                if not row.get("same"):
+                    lines.append(
+                        f"{e.backend} {_label(e)}: {part}{row['prompt'][:60]!r} differs from token "
+                        f"{row['differs_at_token']}"
+                    )
     return lines
 
 
@@ -192,6 +202,11 @@ def check_threshold(
             problems.append(
                 f"{e.backend} {_label(e)}: eval answers the same as the reference on {e.eval_same}/{e.eval_total} "
                 f"prompts, below the minimum fraction {min_eval_same:g}"
+            )
+        if min_eval_same is not None and e.image_eval_total and e.image_eval_same / e.image_eval_total < min_eval_same:
+            problems.append(
+                f"{e.backend} {_label(e)}: eval prompts with images answered the same as the reference on "
+                f"{e.image_eval_same}/{e.image_eval_total}, below the minimum fraction {min_eval_same:g}"
             )
     if problems:
         raise BuilderError("quality check failed:\n  " + "\n  ".join(problems))

@@ -107,15 +107,22 @@ class Served:
 
     gguf: Path
     loras: tuple[Path, ...] = ()
+    mmproj: Path | None = None  # a vision-language model's vision tower + projector (llama-server only)
 
     def args(self) -> list[str]:
+        """The model's arguments for every tool (the text GGUF and its LoRAs)."""
         out = ["-m", str(self.gguf)]
         for lora in self.loras:
             out += ["--lora", str(lora)]
         return out
 
+    def server_args(self) -> list[str]:
+        """llama-server's arguments: the model's, and the mmproj when there is one."""
+        return self.args() + (["--mmproj", str(self.mmproj)] if self.mmproj else [])
+
     def describe(self) -> str:
-        return " + ".join([Path(self.gguf).name, *(f"LoRA {Path(lora).name}" for lora in self.loras)])
+        extra = [f"mmproj {Path(self.mmproj).name}"] if self.mmproj else []
+        return " + ".join([Path(self.gguf).name, *(f"LoRA {Path(lora).name}" for lora in self.loras), *extra])
 
     def size_bytes(self) -> int:
-        return sum(Path(f).stat().st_size for f in (self.gguf, *self.loras))
+        return sum(Path(f).stat().st_size for f in (self.gguf, *self.loras, *([self.mmproj] if self.mmproj else [])))
