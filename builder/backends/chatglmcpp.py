@@ -12,6 +12,8 @@ from builder.model.convert import QUANTS as GGML_QUANTS
 if TYPE_CHECKING:
     from builder.spec import BuildSpec
 
+CHATGLM_CPP_VERSION = "0.4.2"  # the chatglm-cpp wheel its image compiles (pyproject.toml pins the same)
+
 
 @dataclass(frozen=True)
 class ChatglmcppBackend(Backend):
@@ -29,6 +31,13 @@ class ChatglmcppBackend(Backend):
     def vision_gap(self, config: dict, spec: BuildSpec) -> Optional[str]:
         return "chatglm.cpp's Pipeline takes text only (it has no image encoder)"
 
+    def engine_tag(self, spec: BuildSpec) -> str:
+        """chatglm-cpp's version, and for the CUDA build its architectures: 0.4.2, 0.4.2-cuda-80-86-89-90."""
+        if self.uses_cuda(spec):
+            archs = spec.cuda_architectures
+            return f"{CHATGLM_CPP_VERSION}-cuda" + (f"-{archs.replace(';', '-')}" if archs else "")
+        return CHATGLM_CPP_VERSION
+
 
 BACKEND = ChatglmcppBackend(
     name="chatglmcpp",
@@ -45,5 +54,8 @@ BACKEND = ChatglmcppBackend(
     cuda_base="nvidia/cuda:12.8.1-runtime-ubuntu24.04",
     renamed_options={"chatglmcpp_cuda": "cuda"},  # before every backend shared one CUDA switch
     runtime_modules=("chatglmcpp",),
+    template_values={"chatglm_cpp_version": CHATGLM_CPP_VERSION},
     demo=DemoBases(local="local/python:bookworm", public="python:3.11-slim-bookworm"),
+    mounted_weights=True,
+    weights_suffix="-ggml",  # GGML, not llama.cpp's GGUF nor vLLM's folders: NAME-weights-ggml
 )

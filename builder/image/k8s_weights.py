@@ -1,6 +1,6 @@
 """`builder k8s --weights image-volume`: the weights as images the kubelet mounts, beside the baked bases.
 
-For each backend that serves mounted weights (llama.cpp, vLLM), `image-volume/<backend>/` is a kustomize base whose
+For each backend that serves mounted weights (llama.cpp, vLLM, chatglm.cpp), `image-volume/<backend>/` is a kustomize base whose
 Deployment runs the engine image (no weights) with the weights image mounted read-only at /models
 (`volumes[].image`, Kubernetes image volumes; subPath `models`, the folder the weights image holds) and each
 adapter served unmerged mounted at /adapters/NAME from its own image, every image by the digest `make push`
@@ -34,6 +34,8 @@ KSERVE_MODELS = "/mnt/models"  # where KServe mounts the storageUri
 WEIGHTS_SUBPATH = BASE_GGUF.split("/")[1]  # "models": the weights image's one folder
 HF_MODEL = "/models/model"  # a Hugging Face folder's weights image (vLLM's): the model folder
 HF_ADAPTER_ENV = ("LLM_LORA_MODULES", "LLM_MAX_LORAS", "LLM_MAX_LORA_RANK")
+GGML_SUFFIX = "-ggml"  # the weights_suffix of a GGML file's weights image (chatglm.cpp's): /models/model.ggml
+GGML_MODEL = ("GGML_MODEL", "model.ggml")  # the engine's variable naming that file, and its name under /models
 
 
 def _pin(ref: str, recorded: str) -> str:
@@ -49,6 +51,8 @@ def adapter_path(name: str, gguf: bool = True) -> str:
 def mounted_adapters(spec: BuildSpec, backend: str) -> list[str]:
     """The adapters `make image` builds an image for (those `backend` serves unmerged), by served name: decided
     as the build decides with a local MODEL; otherwise every adapter the spec names unless LORA=merge."""
+    if not backends.get(backend).serves_adapters:
+        return []
     config = read_model_config(spec) if spec.model else None
     if config is not None:
         return list(select_backends(spec, config).served_by(backend))
@@ -66,7 +70,9 @@ def image_volume_workload(spec: BuildSpec, b: backends.Backend, pushed: dict[str
         ref = _pin(spec.lora_image(name, b.name), pushed.get(push.lora_key(b.name, name), ""))
         mounts.append(_image_volume(f"lora-{i}", ref, f"{ADAPTERS}/{name}", LORA_DIR.lstrip("/")))
     served = spec.served_model_name or "model"
-    if not b.serves_gguf(spec):
+    if b.weights_suffix == GGML_SUFFIX:  # merged weights only: the served name is the one setting per model
+        preset, env = "", [{"name": "SERVED_MODEL_NAME", "value": served}]
+    elif not b.serves_gguf(spec):
         preset, env = "", hf_env(spec, b, served, names)
     elif names:
         preset = router_preset(served, names, lora={n: adapter_path(n) for n in names})
@@ -123,6 +129,10 @@ def kserve_values(spec: BuildSpec, b: backends.Backend, w: Workload, pushed: dic
         env = [e for e in w.env if not e["name"].startswith("LLAMA_ARG_MODEL") and e["name"] != "LLAMA_ARG_ALIAS"]
         env += [{"name": "LLAMA_ARG_MODEL", "value": f"{KSERVE_MODELS}/{BASE_GGUF.rsplit('/', 1)[1]}"},
                 {"name": "LLAMA_ARG_ALIAS", "value": served}]  # fmt: skip
+    elif b.weights_suffix == GGML_SUFFIX:  # the GGML file /models/model.ggml, at /mnt/models/model.ggml
+        env = [e for e in w.env if e["name"] not in (GGML_MODEL[0], "SERVED_MODEL_NAME")]
+        env += [{"name": GGML_MODEL[0], "value": f"{KSERVE_MODELS}/{GGML_MODEL[1]}"},
+                {"name": "SERVED_MODEL_NAME", "value": served}]  # fmt: skip
     else:  # the Hugging Face folder /models/model of the weights image, at /mnt/models/model; no adapters
         env = [e for e in w.env if e["name"] not in HF_ADAPTER_ENV and e["name"] != "SERVED_MODEL_NAME"]
         env += [{"name": "LLM_MODEL_PATH", "value": f"{KSERVE_MODELS}/{HF_MODEL.rsplit('/', 1)[1]}"},
@@ -134,13 +144,19 @@ def kserve_values(spec: BuildSpec, b: backends.Backend, w: Workload, pushed: dic
         "env": [e for e in env if e["name"] not in ("LLAMA_ARG_MODELS_PRESET", "LLAMA_ARG_OFFLINE")],
         "storage_uri": f"oci+native://{weights}",
         # the model format the ServingRuntime declares (KServe's names: its llama.cpp and Hugging Face runtimes')
-        **(
-            {"format": "gguf", "format_version": "3", "format_title": "GGUF"}
-            if b.serves_gguf(spec)
-            else {"format": "huggingface", "format_version": "1", "format_title": "Hugging Face folder (model/)"}
-        ),
+        **model_format(spec, b),
         "labels": {k: v for k, v in w.labels.items() if k != "app.kubernetes.io/name"},
     }
+
+
+def model_format(spec: BuildSpec, b: backends.Backend) -> dict[str, str]:
+    """The model format the ServingRuntime declares (KServe's names for its llama.cpp and Hugging Face runtimes';
+    `ggml` for a GGML file, which KServe has no runtime of its own for)."""
+    if b.serves_gguf(spec):
+        return {"format": "gguf", "format_version": "3", "format_title": "GGUF"}
+    if b.weights_suffix == GGML_SUFFIX:
+        return {"format": "ggml", "format_version": "1", "format_title": f"GGML file ({b.title}: model.ggml)"}
+    return {"format": "huggingface", "format_version": "1", "format_title": "Hugging Face folder (model/)"}
 
 
 def render(spec: BuildSpec, names: list[str], pushed: dict[str, str], put) -> list[tuple[str, str]]:

@@ -283,7 +283,8 @@ def test_push_pull_by_digest(up, local_registry, demo_models):
     res = _make("push", f"REGISTRY={local_registry}", f"NAME={NAME}", f"TAG={TAG}", f"SPEC={SPEC}")
     grown = registry_bytes() - before
     pushed = [line for line in res.stdout.splitlines() if "@sha256:" in line]
-    # each backend's runtime, and beside llama.cpp's its engine, weights image and the GGUF as model artifacts
+    # each backend's runtime; beside llama.cpp's and chatglm.cpp's their engine and weights images; the GGUF as model
+    # artifacts
     refs = [r for r in pushed if any(r.startswith(f"{local_registry}/{NAME}-{b}:") for b in BACKENDS)]
     assert len(refs) == len(BACKENDS), res.stdout
     artifacts = [r for r in pushed if r.startswith(f"{local_registry}/{NAME}-model:")]
@@ -331,6 +332,59 @@ def test_push_pull_by_digest(up, local_registry, demo_models):
             assert answer.strip() == demo.LORA_ANSWERS[demo.CHANGED_PROMPT].strip()
         finally:
             docker("rm", "-f", name, check=False)
+
+
+def _layers(ref: str) -> list[str]:
+    """The image's uncompressed layer digests (`docker image inspect` RootFS.Layers), bottom first."""
+    return json.loads(docker("image", "inspect", ref).stdout)[0]["RootFS"]["Layers"]
+
+
+def _ask_when_up(url: str, model: str, prompt: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return chat(url, model, prompt, api_key=API_KEY, max_tokens=32, temperature=0, timeout=30)
+        except Exception:
+            assert time.monotonic() < deadline, f"{url} did not answer in {timeout:.0f}s"
+            time.sleep(1)
+
+
+def test_chatglmcpp_engine_with_the_weights_image_mounted_answers_like_the_baked_image(built, demo_models):
+    """`make image` also built chatglm.cpp's model-independent engine (`chatglmcpp-engine:VERSION`) and its FROM
+    scratch weights image (`NAME-weights-ggml:TAG`): the weights image's one layer is the baked image's weights
+    layer and the engine's layers are the baked image's others (uncompressed digests); the engine, with the weights
+    in a named volume filled from the weights image and mounted read-only at /models, answers every demo prompt as
+    the baked image does."""
+    glm = "chatglmcpp"
+    spec = BuildSpec(name=NAME, tag=TAG, backends=[glm])
+    runtime, engine, weights = _layers(_image(glm)), _layers(spec.engine_image(glm)), _layers(spec.weights_image(glm))
+    assert len(weights) == 1 and weights[0] in runtime, (runtime, weights)
+    assert [d for d in runtime if d != weights[0]] == engine, (runtime, engine, weights)
+    served = _served_name(demo_models)
+    volume, port = f"{NAME}-weights-ggml", backends.get(glm).port
+    containers = {f"{NAME}-glm-baked": (18201, _image(glm), []),
+                  f"{NAME}-glm-engine": (18202, spec.engine_image(glm),
+                                         ["-e", f"SERVED_MODEL_NAME={served}", "-v", f"{volume}:/models:ro"])}  # fmt: skip
+    docker("volume", "rm", "-f", volume, check=False)
+    docker("volume", "create", volume)
+    # Docker copies an image's files into an empty named volume mounted on them when the container is created
+    docker("rm", "-f", docker("create", "-v", f"{volume}:/models", spec.weights_image(glm), "none").stdout.strip())
+    try:
+        for name, (host_port, image, more) in containers.items():
+            docker("rm", "-f", name, check=False)
+            docker("run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+                   "-p", f"127.0.0.1:{host_port}:{port}", "-e", f"API_KEY={API_KEY}", *more, image)  # fmt: skip
+        start = time.monotonic()
+        for prompt in demo.DEMO_PROMPTS:
+            baked = _ask_when_up("http://127.0.0.1:18201", served, prompt)
+            assert _ask_when_up("http://127.0.0.1:18202", served, prompt) == baked, prompt
+        TIMINGS["chatglmcpp engine (mounted weights): both up and every prompt"] = time.monotonic() - start
+        changed = _ask_when_up("http://127.0.0.1:18202", served, demo.CHANGED_PROMPT)
+        assert changed.strip() == demo.LORA_ANSWERS[demo.CHANGED_PROMPT].strip()  # the merged fine-tune's weights
+    finally:
+        for name in containers:
+            docker("rm", "-f", name, check=False)
+        docker("volume", "rm", "-f", volume, check=False)
 
 
 def test_llamacpp_runtime_has_no_compiler_no_python(up, demo_models):
