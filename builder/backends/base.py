@@ -189,6 +189,11 @@ class Backend:
         """Build args its image needs to serve the adapters `served` ({name: folder}) unmerged."""
         return {}
 
+    def mounts_weights(self, spec: BuildSpec) -> bool:
+        """This build also makes the engine and weights images (mounted_weights; a backend may have them for one
+        variant only)."""
+        return self.mounted_weights
+
     def engine_tag(self, spec: BuildSpec) -> str:
         """The tag of its engine image (mounted_weights): the engine's pin and how it was compiled."""
         raise NotImplementedError(f"{self.title} has no engine image")

@@ -69,6 +69,17 @@ class XinferenceBackend(Backend):
     def serves_gguf(self, spec: BuildSpec) -> bool:
         return self.options_of(spec).engine == "llama.cpp"
 
+    def mounts_weights(self, spec: BuildSpec) -> bool:
+        """The llama.cpp engine's build only: its engine serves llama.cpp's weights image (the same GGUF layer).
+        The Hugging Face folder variants stay baked-only."""
+        return self.serves_gguf(spec)
+
+    def engine_tag(self, spec: BuildSpec) -> str:
+        """The Xinference base's tag (its release, without a leading v) and the llama.cpp binding's version:
+        4.1.0-xllamacpp-2026.10.11549."""
+        release = spec.runtime_base(self.name).rsplit("/", 1)[-1].partition(":")[2] or "latest"
+        return f"{release.removeprefix('v')}-xllamacpp-{XLLAMACPP_VERSION}"
+
     def template_for(self, spec: BuildSpec) -> str:
         """Two images: the GGUF on the llama.cpp engine, or the merged weights on transformers/vLLM."""
         return f"{self.name}-gguf.Dockerfile.j2" if self.serves_gguf(spec) else self.template

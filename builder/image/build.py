@@ -304,7 +304,7 @@ def build(
                 )
             )
             console.print(f"[green]built[/] {built[-1].image} in {seconds:.0f}s")
-            if backends.get(backend).mounted_weights:
+            if backends.get(backend).mounts_weights(spec):
                 for target, tag in mounted_targets(spec, backend, selection).items():
                     job.run_target(backend, target, tag=tag)
                     console.print(f"[green]built[/] {tag}")

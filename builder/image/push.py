@@ -87,7 +87,7 @@ def push(spec: BuildSpec, docker: Docker | None = None) -> dict[str, str]:
         if digest is None:
             continue
         pushed[spec.image(backend)] = digest
-        if backends.get(backend).mounted_weights:
+        if backends.get(backend).mounts_weights(spec):
             pushed.update(push_mounted(spec, docker, backend))
     if not pushed:
         raise BuilderError(

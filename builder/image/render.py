@@ -76,7 +76,7 @@ def template_values(spec: BuildSpec, output: Output, selection: Selection | None
         "llama_cpp": llamacpp_build(spec, b),
         "gguf_toolchain": b.gguf_toolchain_base(spec) if b and b.serves_gguf(spec) else None,
         "served_adapters": list(selection.served_by(b.name)) if selection and b else [],
-        **(engine_values(spec, b) if b and b.mounted_weights else {}),
+        **(engine_values(spec, b) if b and b.mounts_weights(spec) else {}),
         # a vision-language model this backend serves with its images (llama.cpp: an mmproj beside the GGUF)
         "vision": bool(selection and selection.vision and b and b.vision_plan(spec)),
         **(b.template_values if b else {}),

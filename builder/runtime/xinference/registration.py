@@ -14,6 +14,7 @@ from typing import Any
 
 from builder.runtime.xinference.api import Api
 from builder.runtime.xinference.config import ENGINES, BootConfig, BootError, log
+from builder.runtime.xinference.gguf_meta import registration_facts
 
 # --------------------------------------------------------------------------- the model folder
 
@@ -135,20 +136,28 @@ def model_spec(cfg: BootConfig) -> dict:
     """The custom-LLM registration (Xinference LLM family spec version 2) for cfg.model_path.
 
     Abilities generate+chat (generate only without a chat template), the tokenizer's chat template,
-    stop ids/strings from generation_config.json, the context length from config.json, and a
-    `file://` URI: `pytorch` format, or `ggufv2` with the folder's one *.gguf for the llama.cpp engine."""
+    stop ids/strings from generation_config.json, the context length from config.json (a folder holding a
+    GGUF alone: all three from the GGUF's metadata, for the llama.cpp engine), and a `file://` URI: `pytorch` format, or `ggufv2` with the folder's one *.gguf for the llama.cpp engine."""
     model_dir = cfg.model_path
-    if not (model_dir / "config.json").is_file():
-        raise BootError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
-    ids, strings = stop_tokens(model_dir)
-    template = chat_template(model_dir)
+    if (model_dir / "config.json").is_file():
+        ids, strings = stop_tokens(model_dir)
+        template, context = chat_template(model_dir), context_length(model_dir)
+        architectures = _read_json(model_dir / "config.json").get("architectures") or None
+    elif cfg.engine == "llama.cpp" and any(model_dir.glob("*.gguf")):
+        # The GGUF alone (a weights image mounted on the engine image): what the converter wrote into it.
+        facts = registration_facts(gguf_file(model_dir))
+        ids, strings, template, context = (
+            facts[k] for k in ("stop_token_ids", "stop", "chat_template", "context_length")
+        )
+        architectures = None
+    else:
+        raise BootError(f"{model_dir} is not a Hugging Face model folder (no config.json) nor holds a GGUF")
     abilities = ["generate", "chat"] if template else ["generate"]
     if not template:
         log(f"{model_dir} has no chat template: registering with the generate ability only")
-    architectures = _read_json(model_dir / "config.json").get("architectures") or None
     return {
         "version": 2,
-        "context_length": cfg.context_length or context_length(model_dir),
+        "context_length": cfg.context_length or context,
         "model_name": cfg.model_name,
         "model_lang": ["en", "zh"],
         "model_ability": abilities,
