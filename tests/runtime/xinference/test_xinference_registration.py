@@ -97,3 +97,50 @@ def test_same_registration_detects_changes(tiny_model):
     moved["model_specs"][0]["model_uri"] = "file:///elsewhere"
     assert not registration._same_registration(moved, spec)
     assert not registration._same_registration("not found", spec)
+
+
+def _gguf_alone(folder, template: str | None = "{{ messages[0]['content'] }}"):
+    """A folder holding one GGUF and nothing else (a weights image mounted on the engine image), written by
+    llama.cpp's own gguf-py writer with the metadata its converter records."""
+    import numpy as np
+
+    from builder.model.gguf.convert import _gguf_module
+
+    gguf = _gguf_module()
+    w = gguf.GGUFWriter(str(folder / "model.gguf"), "llama")
+    w.add_context_length(4096)
+    w.add_token_list(["<s>", "</s>", "<|im_end|>", "a"])
+    w.add_array("tokenizer.ggml.token_type", [3, 3, 3, 1])
+    w.add_eos_token_id(2)
+    w.add_uint32("tokenizer.ggml.eot_token_id", 1)
+    if template:
+        w.add_chat_template(template)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return folder
+
+
+def test_spec_from_a_gguf_alone_reads_its_metadata(tmp_path):
+    folder = _gguf_alone(tmp_path)
+    env = {"SERVED_MODEL_NAME": MODEL, "XINFERENCE_ENGINE": "llama.cpp", "XINFERENCE_QUANTIZATION": "q8_0"}
+    cfg, _ = config.parse_args(["--model-path", str(folder)], env)
+    spec = registration.model_spec(cfg)
+    assert spec["chat_template"] == "{{ messages[0]['content'] }}" and spec["model_ability"] == ["generate", "chat"]
+    assert spec["stop_token_ids"] == [2, 1] and spec["stop"] == ["<|im_end|>", "</s>"]
+    assert spec["context_length"] == 4096 and spec["architectures"] is None
+    (s,) = spec["model_specs"]
+    assert s["model_format"] == "ggufv2" and s["model_file_name_template"] == "model.gguf"
+    assert s["quantization"] == "q8_0" and s["model_uri"] == f"file://{folder.resolve()}"
+    # no chat template in the GGUF: generate only, as for a folder without one
+    (tmp_path / "bare").mkdir()
+    cfg, _ = config.parse_args(["--model-path", str(_gguf_alone(tmp_path / "bare", None))], env)
+    assert registration.model_spec(cfg)["model_ability"] == ["generate"]
+
+
+def test_a_gguf_alone_needs_the_llamacpp_engine(tmp_path):
+    cfg, _ = config.parse_args(["--model-path", str(_gguf_alone(tmp_path))], {"XINFERENCE_ENGINE": "transformers"})
+    with pytest.raises(config.BootError, match="no config.json"):
+        registration.model_spec(cfg)
