@@ -387,6 +387,47 @@ def test_chatglmcpp_engine_with_the_weights_image_mounted_answers_like_the_baked
         docker("volume", "rm", "-f", volume, check=False)
 
 
+def test_xinference_engine_with_llamacpps_weights_image_mounted_answers_like_the_baked_image(up, demo_models):
+    """`make image` also built Xinference's model-independent engine (its llama.cpp flavour, `xinference-engine:PIN`)
+    over llama.cpp's weights image `NAME-weights:TAG`: that image's one layer is the GGUF layer of both baked images,
+    the engine's layers are the baked Xinference image's bottom layers (below the GGUF and the registration's small
+    files); the engine, with the GGUF alone in a named volume filled from the weights image, mounted read-only at
+    /models (its registration read from the GGUF's metadata), answers every demo prompt as the baked image under
+    compose does."""
+    xi = "xinference"
+    spec = BuildSpec(name=NAME, tag=TAG, backends=[xi])
+    assert spec.weights_image(xi) == spec.weights_image("llamacpp")
+    runtime, engine, weights = _layers(_image(xi)), _layers(spec.engine_image(xi)), _layers(spec.weights_image(xi))
+    assert len(weights) == 1 and weights[0] in runtime and weights[0] in _layers(_image("llamacpp")), weights
+    assert runtime[: len(engine)] == engine and runtime[len(engine)] == weights[0], (runtime, engine, weights)
+    assert len(runtime) == len(engine) + 2  # the GGUF, then the config/tokenizer/chat template layer
+    served = _served_name(demo_models)
+    volume, port, host_port = f"{NAME}-weights-gguf", backends.get(xi).port, 18203
+    docker("volume", "rm", "-f", volume, check=False)
+    docker("volume", "create", volume)
+    # Docker copies an image's files into an empty named volume mounted on them when the container is created
+    docker("rm", "-f", docker("create", "-v", f"{volume}:/models", spec.weights_image(xi), "none").stdout.strip())
+    name = f"{NAME}-xinference-engine"
+    docker("rm", "-f", name, check=False)
+    try:
+        start = time.monotonic()
+        docker("run", "-d", "--name", name, "--init", "-p", f"127.0.0.1:{host_port}:{port}",
+               "-e", f"XINFERENCE_API_KEY={API_KEY}", "-e", f"SERVED_MODEL_NAME={served}",
+               "-v", f"{volume}:/models:ro", spec.engine_image(xi))  # fmt: skip
+        engine_url = f"http://127.0.0.1:{host_port}"
+        for prompt in demo.DEMO_PROMPTS:
+            assert _ask_when_up(engine_url, served, prompt, timeout=300) == _ask_when_up(_url(xi), served, prompt)
+        TIMINGS["xinference engine (mounted GGUF): start and every prompt"] = time.monotonic() - start
+        changed = _ask_when_up(engine_url, served, demo.CHANGED_PROMPT)
+        assert changed.strip() == demo.LORA_ANSWERS[demo.CHANGED_PROMPT].strip()  # the merged fine-tune's weights
+    except AssertionError:
+        print(docker("logs", "--tail", "80", name, check=False).stderr[-6000:])
+        raise
+    finally:
+        docker("rm", "-f", name, check=False)
+        docker("volume", "rm", "-f", volume, check=False)
+
+
 def test_llamacpp_runtime_has_no_compiler_no_python(up, demo_models):
     info = json.loads(docker("image", "inspect", _image("llamacpp")).stdout)[0]
     labels = info["Config"]["Labels"]
