@@ -395,7 +395,9 @@ def test_xinference_engine_with_llamacpps_weights_image_mounted_answers_like_the
     /models (its registration read from the GGUF's metadata), answers every demo prompt as the baked image under
     compose does."""
     xi = "xinference"
-    spec = BuildSpec(name=NAME, tag=TAG, backends=[xi])
+    # the engine's tag names the Xinference base the build used (SPEC's local stand-in here)
+    bases = {xi: yaml.safe_load(SPEC.read_text())["base_images"][xi]}
+    spec = BuildSpec(name=NAME, tag=TAG, backends=[xi], base_images=bases)
     assert spec.weights_image(xi) == spec.weights_image("llamacpp")
     runtime, engine, weights = _layers(_image(xi)), _layers(spec.engine_image(xi)), _layers(spec.weights_image(xi))
     assert len(weights) == 1 and weights[0] in runtime and weights[0] in _layers(_image("llamacpp")), weights
