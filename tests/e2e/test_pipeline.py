@@ -390,8 +390,7 @@ def test_chatglmcpp_engine_with_the_weights_image_mounted_answers_like_the_baked
 def test_xinference_engine_with_llamacpps_weights_image_mounted_answers_like_the_baked_image(up, demo_models):
     """`make image` also built Xinference's model-independent engine (its llama.cpp flavour, `xinference-engine:PIN`)
     over llama.cpp's weights image `NAME-weights:TAG`: that image's one layer is the GGUF layer of both baked images,
-    the engine's layers are the baked Xinference image's bottom layers (below the GGUF and the registration's small
-    files); the engine, with the GGUF alone in a named volume filled from the weights image, mounted read-only at
+    the engine's layers are the baked Xinference image's others but the registration's small files; the engine, with the GGUF alone in a named volume filled from the weights image, mounted read-only at
     /models (its registration read from the GGUF's metadata), answers every demo prompt as the baked image under
     compose does."""
     xi = "xinference"
@@ -401,8 +400,10 @@ def test_xinference_engine_with_llamacpps_weights_image_mounted_answers_like_the
     assert spec.weights_image(xi) == spec.weights_image("llamacpp")
     runtime, engine, weights = _layers(_image(xi)), _layers(spec.engine_image(xi)), _layers(spec.weights_image(xi))
     assert len(weights) == 1 and weights[0] in runtime and weights[0] in _layers(_image("llamacpp")), weights
-    assert runtime[: len(engine)] == engine and runtime[len(engine)] == weights[0], (runtime, engine, weights)
-    assert len(runtime) == len(engine) + 2  # the GGUF, then the config/tokenizer/chat template layer
+    # the baked image holds the GGUF, then the config/tokenizer/chat template layer, over the engine's layers (and
+    # below WORKDIR's empty layer, the engine's last too)
+    gguf = runtime.index(weights[0])
+    assert runtime[:gguf] + runtime[gguf + 2 :] == engine and len(runtime) == len(engine) + 2, (runtime, engine)
     served = _served_name(demo_models)
     volume, port, host_port = f"{NAME}-weights-gguf", backends.get(xi).port, 18203
     docker("volume", "rm", "-f", volume, check=False)
