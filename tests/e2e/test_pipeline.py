@@ -283,7 +283,7 @@ def test_push_pull_by_digest(up, local_registry, demo_models):
     res = _make("push", f"REGISTRY={local_registry}", f"NAME={NAME}", f"TAG={TAG}", f"SPEC={SPEC}")
     grown = registry_bytes() - before
     pushed = [line for line in res.stdout.splitlines() if "@sha256:" in line]
-    # each backend's runtime; beside llama.cpp's and chatglm.cpp's their engine and weights images; the GGUF as model
+    # each backend's runtime; beside each its engine and weights images (Xinference's weights: llama.cpp's); the GGUF as model
     # artifacts
     refs = [r for r in pushed if any(r.startswith(f"{local_registry}/{NAME}-{b}:") for b in BACKENDS)]
     assert len(refs) == len(BACKENDS), res.stdout
