@@ -9,14 +9,11 @@ u64 dimensions, u32 type and u64 offset.
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-# value type -> struct format of the scalar types
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
+# the same stdlib reader the Xinference image uses to register a GGUF alone
+from builder.runtime.xinference.gguf_meta import read_scalar, read_string, read_value
 
 
 @dataclass(frozen=True)
@@ -30,54 +27,23 @@ class GgufHeader:
         return str(self.metadata.get("general.architecture", ""))
 
 
-def _read(f: BinaryIO, fmt: str):
-    size = struct.calcsize(fmt)
-    data = f.read(size)
-    if len(data) != size:
-        raise ValueError("truncated GGUF header")
-    return struct.unpack(fmt, data)[0]
-
-
-def _string(f: BinaryIO) -> str:
-    n = _read(f, "<Q")
-    if n > 1 << 24:
-        raise ValueError("GGUF string longer than 16 MiB: not a GGUF header")
-    return f.read(n).decode("utf-8", errors="replace")
-
-
-def _value(f: BinaryIO, kind: int, keep: bool = True):
-    if kind in _SCALARS:
-        return _read(f, _SCALARS[kind])
-    if kind == _STRING:
-        return _string(f)
-    if kind == _ARRAY:
-        item, n = _read(f, "<I"), _read(f, "<Q")
-        if item in _SCALARS:  # fixed-size items: skip them at once
-            f.seek(n * struct.calcsize(_SCALARS[item]), 1)
-        else:
-            for _ in range(n):
-                _value(f, item, keep=False)
-        return None
-    raise ValueError(f"unknown GGUF value type {kind}")
-
-
 def read_header(path: Path) -> GgufHeader:
     """The metadata (scalars and strings) and the parameter count of the GGUF at `path`."""
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file")
-        version, tensors, pairs = _read(f, "<I"), _read(f, "<Q"), _read(f, "<Q")
+        version, tensors, pairs = read_scalar(f, "<I"), read_scalar(f, "<Q"), read_scalar(f, "<Q")
         metadata: dict[str, object] = {}
         for _ in range(pairs):
-            key = _string(f)
-            value = _value(f, _read(f, "<I"))
+            key = read_string(f)
+            value = read_value(f, read_scalar(f, "<I"), keep=False)
             if value is not None:
                 metadata[key] = value
         parameters = 0
         for _ in range(tensors):
-            _string(f)
-            dims = [_read(f, "<Q") for _ in range(_read(f, "<I"))]
-            _read(f, "<I"), _read(f, "<Q")
+            read_string(f)
+            dims = [read_scalar(f, "<Q") for _ in range(read_scalar(f, "<I"))]
+            read_scalar(f, "<I"), read_scalar(f, "<Q")
             parameters += math.prod(dims)
     return GgufHeader(version, metadata, parameters)
 

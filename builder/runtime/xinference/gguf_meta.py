@@ -17,7 +17,7 @@ _STRING, _ARRAY = 8, 9
 TOKENS = "tokenizer.ggml.tokens"  # the vocabulary: the one array kept (the stop token's string is looked up in it)
 
 
-def _read(f: BinaryIO, fmt: str):
+def read_scalar(f: BinaryIO, fmt: str):
     size = struct.calcsize(fmt)
     data = f.read(size)
     if len(data) != size:
@@ -25,24 +25,25 @@ def _read(f: BinaryIO, fmt: str):
     return struct.unpack(fmt, data)[0]
 
 
-def _string(f: BinaryIO) -> str:
-    n = _read(f, "<Q")
+def read_string(f: BinaryIO) -> str:
+    n = read_scalar(f, "<Q")
     if n > 1 << 24:
         raise ValueError("GGUF string longer than 16 MiB: not a GGUF header")
     return f.read(n).decode("utf-8", errors="replace")
 
 
-def _value(f: BinaryIO, kind: int, keep: bool):
+def read_value(f: BinaryIO, kind: int, keep: bool):
+    """One metadata value of type `kind`; arrays are read (`keep`) or skipped (None), fixed-size ones at once."""
     if kind in _SCALARS:
-        return _read(f, _SCALARS[kind])
+        return read_scalar(f, _SCALARS[kind])
     if kind == _STRING:
-        return _string(f)
+        return read_string(f)
     if kind == _ARRAY:
-        item, n = _read(f, "<I"), _read(f, "<Q")
+        item, n = read_scalar(f, "<I"), read_scalar(f, "<Q")
         if item in _SCALARS and not keep:  # fixed-size items: skip them at once
             f.seek(n * struct.calcsize(_SCALARS[item]), 1)
             return None
-        values = [_value(f, item, keep) for _ in range(n)]
+        values = [read_value(f, item, keep) for _ in range(n)]
         return values if keep else None
     raise ValueError(f"unknown GGUF value type {kind}")
 
@@ -52,12 +53,12 @@ def read_metadata(path: Path) -> dict[str, object]:
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file")
-        _read(f, "<I"), _read(f, "<Q")
-        pairs = _read(f, "<Q")
+        read_scalar(f, "<I"), read_scalar(f, "<Q")
+        pairs = read_scalar(f, "<Q")
         metadata: dict[str, object] = {}
         for _ in range(pairs):
-            key = _string(f)
-            value = _value(f, _read(f, "<I"), keep=key == TOKENS)
+            key = read_string(f)
+            value = read_value(f, read_scalar(f, "<I"), keep=key == TOKENS)
             if value is not None:
                 metadata[key] = value
     return metadata
