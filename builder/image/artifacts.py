@@ -3,7 +3,9 @@ Docker Model Runner) and CNCF ModelPack, pushed with the distribution API (build
 
 Docker's format: an OCI image manifest whose config is `application/vnd.docker.ai.model.config.v0.1+json`
 and whose layers are single uncompressed files: the GGUF (`application/vnd.docker.ai.gguf.v3`), a LoRA GGUF
-(`...gguf.v3.lora`), the license and the chat template where the model folder has them. The config follows
+(`...gguf.v3.lora`), a vision-language model's mmproj (`application/vnd.docker.ai.mmproj`: vision tower and
+projector, what llama-server's `--mmproj` loads), the license and the chat template where the model folder has
+them. The config follows
 what Docker Model Runner reads (pkg/distribution/types/config.go: `config` {format, quantization, parameters,
 architecture, size, gguf}, `descriptor` {created}, `rootfs` {type, diff_ids}) and adds docker/model-spec's
 `files` list. One manifest per build (`NAME-model:TAG`: the base) and one per adapter served unmerged
@@ -30,6 +32,7 @@ from builder.spec import BuildSpec
 DOCKER_CONFIG = "application/vnd.docker.ai.model.config.v0.1+json"
 GGUF = "application/vnd.docker.ai.gguf.v3"
 GGUF_LORA = "application/vnd.docker.ai.gguf.v3.lora"
+MMPROJ = "application/vnd.docker.ai.mmproj"
 LICENSE = "application/vnd.docker.ai.license"
 CHAT_TEMPLATE = "application/vnd.docker.ai.chat.template.jinja"
 MODELPACK = "application/vnd.cncf.model.manifest.v1+json"
@@ -37,7 +40,12 @@ MODELPACK_CONFIG = "application/vnd.cncf.model.config.v1+json"
 MODELPACK_WEIGHT = "application/vnd.cncf.model.weight.v1.raw"
 MODELPACK_DOC = "application/vnd.cncf.model.doc.v1.raw"
 MODELPACK_WEIGHT_CONFIG = "application/vnd.cncf.model.weight.config.v1.raw"
-_MODELPACK_TYPES = {GGUF: MODELPACK_WEIGHT, LICENSE: MODELPACK_DOC, CHAT_TEMPLATE: MODELPACK_WEIGHT_CONFIG}
+_MODELPACK_TYPES = {
+    GGUF: MODELPACK_WEIGHT,
+    MMPROJ: MODELPACK_WEIGHT,
+    LICENSE: MODELPACK_DOC,
+    CHAT_TEMPLATE: MODELPACK_WEIGHT_CONFIG,
+}
 TITLE = "org.opencontainers.image.title"  # the file name a generic client (oras pull) writes
 FILEPATH = "org.cncf.model.filepath"  # the file's path in the model (Docker Model Runner, ModelPack)
 
@@ -49,7 +57,8 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 @dataclass
 class ModelFiles:
     """What the artifacts carry, on this host: the GGUF, each adapter's LoRA GGUF, the license and chat template
-    where the model has them, and when the weights were built (RFC 3339: the config is the same on a re-push)."""
+    where the model has them, a vision-language model's mmproj, and when the weights were built (RFC 3339: the
+    config is the same on a re-push)."""
 
     gguf: Path
     quant: str
@@ -57,6 +66,7 @@ class ModelFiles:
     loras: dict[str, Path] = field(default_factory=dict)
     license: Path | None = None
     chat_template: Path | None = None
+    mmproj: Path | None = None
 
 
 def model_folder_files(spec: BuildSpec) -> tuple[Path | None, Path | None]:
@@ -127,9 +137,13 @@ def push_model(spec: BuildSpec, files: ModelFiles, client: oci.Registry | None =
     client = client or oci.Registry(host)
     header = read_header(files.gguf)
     base = _layer(GGUF, oci.upload(client, repo, files.gguf), "model.gguf")
+    # every variant's: the mmproj (an adapter changes the language model only: the base's tower serves it), the
+    # license and the chat template
+    named = ((MMPROJ, files.mmproj, "mmproj.gguf"), (LICENSE, files.license, None),
+             (CHAT_TEMPLATE, files.chat_template, None))  # fmt: skip
     extras = [
-        _layer(media_type, oci.upload(client, repo, path), path.name)
-        for media_type, path in ((LICENSE, files.license), (CHAT_TEMPLATE, files.chat_template))
+        _layer(media_type, oci.upload(client, repo, path), name or path.name)
+        for media_type, path, name in named
         if path is not None
     ]
     variants = {spec.model_artifact(): [base, *extras]}

@@ -29,7 +29,7 @@ from builder.backends import NAMES as BACKENDS
 from builder.errors import BuilderError
 from builder.image import artifacts
 from builder.image.docker import Docker
-from builder.model.gguf.router import BASE_GGUF, lora_path
+from builder.model.gguf.router import BASE_GGUF, MMPROJ_GGUF, lora_path
 from builder.selection import served_adapters
 from builder.spec import BuildSpec
 
@@ -147,9 +147,11 @@ def push_mounted(spec: BuildSpec, docker: Docker, backend: str, workdir: Path = 
     with tempfile.TemporaryDirectory(dir=folder, prefix=".artifact-") as tmp:
         gguf = copy_out(docker, spec.weights_image(backend), BASE_GGUF, Path(tmp) / "model.gguf")
         lora_files = {n: copy_out(docker, ref, lora_path(n), Path(tmp) / f"lora-{n}.gguf") for n, ref in loras.items()}
+        # a vision-language model's weights image holds its mmproj beside the GGUF
+        mmproj = copy_out(docker, spec.weights_image(backend), MMPROJ_GGUF, Path(tmp) / "mmproj.gguf", required=False)
         license_file, template = artifacts.model_folder_files(spec)
         created = docker.inspect(spec.weights_image(backend))["Created"]
-        files = artifacts.ModelFiles(gguf, quant, created, lora_files, license_file, template)
+        files = artifacts.ModelFiles(gguf, quant, created, lora_files, license_file, template, mmproj)
         for ref, digest in artifacts.push_model(spec, files).items():
             console.print(f"[green]pushed[/] model artifact {ref}@{digest}")
             print(f"{ref}@{digest}")
@@ -158,14 +160,15 @@ def push_mounted(spec: BuildSpec, docker: Docker, backend: str, workdir: Path = 
     return pushed
 
 
-def copy_out(docker: Docker, image: str, path: str, dest: Path) -> Path:
-    """One file of a local image (one with no command: a weights image), copied to `dest`."""
+def copy_out(docker: Docker, image: str, path: str, dest: Path, required: bool = True) -> Path | None:
+    """One file of a local image (one with no command: a weights image), copied to `dest`; None when the image
+    has no such file and it is not `required`."""
     cid = docker.run("create", image, "none").stdout.strip()
     try:
-        docker.run("cp", f"{cid}:{path}", str(dest))
+        copied = docker.run("cp", f"{cid}:{path}", str(dest), check=required).returncode == 0
     finally:
         docker.run("rm", cid, check=False)
-    return dest
+    return dest if copied else None
 
 
 def newest_image(docker: Docker, refs: list[str]) -> str | None:

@@ -10,6 +10,7 @@ from _gguf_file import write_gguf
 from _oci_server import registry_server
 
 from builder.errors import BuilderError
+from builder.image import artifacts
 from builder.image import registry as oci
 from builder.image.push import manifest_layers, push, pushed_file
 from builder.spec import BuildSpec
@@ -127,7 +128,11 @@ class WeightsDocker(FakeDocker):
         if args[0] == "cp":
             self.calls.append(args)
             cid, path = args[1].split(":", 1)
-            shutil.copyfile(self.files[(self.containers[cid], path)], args[2])
+            source = self.files.get((self.containers[cid], path))
+            if source is None:  # as `docker cp` of a path the image does not have
+                assert not check, f"{path} is not in {self.containers[cid]}"
+                return subprocess.CompletedProcess(args, 1, "", f"Could not find the file {path} in container")
+            shutil.copyfile(source, args[2])
             return subprocess.CompletedProcess(args, 0, "", "")
         if args[0] == "rm":
             self.calls.append(args)
@@ -148,8 +153,8 @@ def test_mounted_weights_images_and_model_artifacts_are_pushed_and_recorded(tmp_
         pushed = push(spec, docker)
         manifests = {key[1] for key in state.manifests if not key[1].startswith("sha256:")}
     images = [f"{host}/llm-llamacpp:t", f"{host}/{engine}", f"{host}/llm-weights:t", f"{host}/llm-lora:t-tuned"]
-    artifacts = [f"{host}/llm-model:t", f"{host}/llm-model:t-tuned", f"{host}/llm-model:t-modelpack"]
-    assert list(pushed) == images + artifacts
+    model_artifacts = [f"{host}/llm-model:t", f"{host}/llm-model:t-tuned", f"{host}/llm-model:t-modelpack"]
+    assert list(pushed) == images + model_artifacts
     assert all(pushed[ref] == DIGEST for ref in images)  # what `docker push` reported and the registry serves
     assert all(ref in docker.local for ref in images)  # each tagged for the registry, then pushed
     assert manifests == {"t", "t-tuned", "t-modelpack"}
@@ -163,7 +168,7 @@ def test_mounted_weights_images_and_model_artifacts_are_pushed_and_recorded(tmp_
         "llamacpp-engine": f"{host}/{engine}@{DIGEST}",
         "weights": f"{host}/llm-weights:t@{DIGEST}",
         "lora:tuned": f"{host}/llm-lora:t-tuned@{DIGEST}",
-        **{f"model:{ref.rsplit(':', 1)[1]}": f"{ref}@{pushed[ref]}" for ref in artifacts},
+        **{f"model:{ref.rsplit(':', 1)[1]}": f"{ref}@{pushed[ref]}" for ref in model_artifacts},
     }
 
 
@@ -174,3 +179,24 @@ def test_without_a_weights_image_no_artifact_is_pushed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not built" in err and "llm-weights:t" in err
     assert json.loads(pushed_file(spec).read_text()).keys() == {"llamacpp"}
+
+
+def test_a_vision_models_mmproj_travels_in_every_model_artifact(tmp_path):
+    """The weights image of a vision-language build holds /models/mmproj.gguf beside the GGUF: each Docker model
+    artifact carries it as an mmproj layer (what Docker Model Runner passes to --mmproj), ModelPack as a weight."""
+    gguf, mmproj = write_gguf(tmp_path / "base.gguf"), write_gguf(tmp_path / "mmproj.gguf", arch="clip")
+    with registry_server() as (host, state):
+        spec = BuildSpec(registry=host, tag="t", backends=["llamacpp"])
+        engine = spec.engine_image("llamacpp").split("/", 1)[1]
+        files = {(f"{host}/llm-weights:t", "/models/model.gguf"): gguf,
+                 (f"{host}/llm-weights:t", "/models/mmproj.gguf"): mmproj}  # fmt: skip
+        pushed = push(spec, WeightsDocker({"llm-llamacpp:t", engine, "llm-weights:t"}, files))
+        layers = {tag: json.loads(state.manifests[("llm-model", tag)][0])["layers"] for tag in ("t", "t-modelpack")}
+    assert f"{host}/llm-model:t" in pushed
+    assert state.blobs[oci.sha256_file(mmproj)] == mmproj.read_bytes()
+    kinds = {tag: [(x["mediaType"], x["annotations"][artifacts.TITLE]) for x in found] for tag, found in layers.items()}
+    assert kinds["t"] == [(artifacts.GGUF, "model.gguf"), (artifacts.MMPROJ, "mmproj.gguf")]
+    assert kinds["t-modelpack"] == [
+        (artifacts.MODELPACK_WEIGHT, "model.gguf"),
+        (artifacts.MODELPACK_WEIGHT, "mmproj.gguf"),
+    ]
