@@ -136,6 +136,11 @@ def _layers(instructions: list[str]) -> list[str]:
     return [i for i in instructions if i.split(" ", 1)[0] in ("RUN", "COPY", "ADD")]
 
 
+def _env(instructions: list[str]) -> str:
+    """A stage's ENV instructions, as one string."""
+    return " ".join(i for i in instructions if i.startswith("ENV "))
+
+
 def test_mounted_targets_are_stages_holding_the_runtime_layers():
     adapters = {"sql": Path("/a/sql"), "chat": Path("/a/chat")}
     spec = BuildSpec(adapters={k: str(v) for k, v in adapters.items()}, backends=["llamacpp"], name="m", tag="t")

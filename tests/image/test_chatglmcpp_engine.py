@@ -9,7 +9,7 @@ import json
 
 import kubernetes_validate
 import pytest
-from test_build import _layers, _stage
+from test_build import _env, _layers, _stage
 from test_k8s import container, env_of, validate
 from test_k8s_weights import KSERVE, docs, kserve_validate, render, unchecked
 from test_push import DIGEST, FakeDocker
@@ -21,10 +21,6 @@ from builder.selection import Selection
 from builder.spec import BuildSpec
 
 GLM = "chatglmcpp"
-
-
-def _env(instructions: list[str]) -> str:
-    return " ".join(i for i in instructions if i.startswith("ENV "))
 
 
 @pytest.mark.parametrize("device,tag", [("auto", "0.4.2"), ("cuda", "0.4.2-cuda-80-86-89-90")])

@@ -4,15 +4,7 @@ and in the weights image (so the registry stores it once and the model artifacts
 from __future__ import annotations
 
 import pytest
-
-
-def _targets(dockerfile: str) -> dict[str, str]:
-    """{stage name: its instructions} of a rendered Dockerfile."""
-    stages = {}
-    for block in dockerfile.split("\nFROM ")[1:]:
-        header, _, body = block.partition("\n")
-        stages[header.rsplit(" AS ", 1)[-1].strip()] = body
-    return stages
+from test_build import _env, _stage
 
 
 def test_the_mmproj_layer_is_in_the_runtime_and_the_weights_image(tmp_path):
@@ -24,9 +16,10 @@ def test_the_mmproj_layer_is_in_the_runtime_and_the_weights_image(tmp_path):
 
     folder = make_random_qwen2_vl(tmp_path / "vl")
     spec = load_spec({"model": str(folder), "backends": "llamacpp"})
-    stages = _targets(render_text(spec, select_backends(spec, read_model_config(spec)))["Dockerfile.llamacpp"])
+    text = render_text(spec, select_backends(spec, read_model_config(spec)))["Dockerfile.llamacpp"]
+    runtime, engine, weights = _stage(text, "runtime"), _stage(text, "engine"), _stage(text, "weights")
     copy = "COPY --from=mmproj /w/ /"
-    assert copy in stages["runtime"] and copy in stages["weights"]
-    assert stages["runtime"].index("COPY --from=gguf /w/ /") < stages["runtime"].index(copy)
-    assert copy not in stages["engine"]  # model-independent: the mmproj comes with the mounted weights
-    assert "LLAMA_ARG_MMPROJ=/models/mmproj.gguf" in stages["runtime"]
+    assert weights == ["COPY --from=gguf /w/ /", copy]
+    assert runtime.index("COPY --from=gguf /w/ /") < runtime.index(copy)
+    assert copy not in engine  # model-independent: the mmproj comes with the mounted weights
+    assert "LLAMA_ARG_MMPROJ=/models/mmproj.gguf" in _env(runtime)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import kubernetes_validate
 import pytest
-from test_build import _layers, _stage
+from test_build import _env, _layers, _stage
 from test_k8s import container, env_of, validate
 from test_k8s_weights import KSERVE, docs, kserve_validate, render, unchecked
 from test_push import DIGEST, FakeDocker
@@ -33,10 +33,6 @@ def _spec(device: str = "auto", **fields) -> BuildSpec:
 
 def _served() -> Selection:
     return Selection([VLLM], lora={VLLM: LoraPlan("serve", "")}, adapters=ADAPTERS)
-
-
-def _env(instructions: list[str]) -> str:
-    return " ".join(i for i in instructions if i.startswith("ENV "))
 
 
 @pytest.mark.parametrize("device,tag", [("auto", "0.33.0"), ("cpu", "0.33.0-cpu")])

@@ -8,7 +8,7 @@ import json
 
 from _gguf_file import write_gguf
 from _oci_server import registry_server
-from test_build import _layers, _stage
+from test_build import _env, _layers, _stage
 from test_push import DIGEST, FakeDocker, WeightsDocker
 
 from builder import backends
@@ -21,10 +21,6 @@ from builder.spec import BuildSpec
 
 XI = "xinference"
 TAG = "4.1.0-xllamacpp-2026.10.11549"
-
-
-def _env(instructions: list[str]) -> str:
-    return " ".join(i for i in instructions if i.startswith("ENV "))
 
 
 def test_engine_and_weights_targets_hold_the_runtime_layers():
