@@ -38,6 +38,23 @@ GGML_SUFFIX = "-ggml"  # the weights_suffix of a GGML file's weights image (chat
 GGML_MODEL = ("GGML_MODEL", "model.ggml")  # the engine's variable naming that file, and its name under /models
 
 
+# the ServingRuntime's model format per weights format (KServe's names for its llama.cpp and Hugging Face runtimes;
+# `ggml` for a GGML file, which KServe has no runtime of its own for)
+MODEL_FORMATS = {
+    "gguf": {"format": "gguf", "format_version": "3", "format_title": "GGUF"},
+    "ggml": {"format": "ggml", "format_version": "1", "format_title": "GGML file ({title}: model.ggml)"},
+    "hf": {"format": "huggingface", "format_version": "1", "format_title": "Hugging Face folder (model/)"},
+}
+
+
+def weights_format(spec: BuildSpec, b: backends.Backend) -> str:
+    """What `b`'s weights image holds: "gguf" (/models/model.gguf), "ggml" (chatglm.cpp's /models/model.ggml) or
+    "hf" (vLLM's Hugging Face folder /models/model)."""
+    if b.serves_gguf(spec):
+        return "gguf"
+    return "ggml" if b.weights_suffix == GGML_SUFFIX else "hf"
+
+
 def _pin(ref: str, recorded: str) -> str:
     """`ref`, pinned by the digest `make push` recorded when it was pushed as exactly that reference."""
     return recorded if recorded.startswith(ref + "@sha256:") and len(recorded) == len(ref) + 72 else ref
@@ -70,9 +87,10 @@ def image_volume_workload(spec: BuildSpec, b: backends.Backend, pushed: dict[str
         ref = _pin(spec.lora_image(name, b.name), pushed.get(push.lora_key(b.name, name), ""))
         mounts.append(_image_volume(f"lora-{i}", ref, f"{ADAPTERS}/{name}", LORA_DIR.lstrip("/")))
     served = spec.served_model_name or "model"
-    if b.weights_suffix == GGML_SUFFIX:  # merged weights only: the served name is the one setting per model
+    form = weights_format(spec, b)
+    if form == "ggml":  # merged weights only: the served name is the one setting per model
         preset, env = "", [{"name": "SERVED_MODEL_NAME", "value": served}]
-    elif not b.serves_gguf(spec):
+    elif form == "hf":
         preset, env = "", hf_env(spec, b, served, names)
     elif names:
         preset = router_preset(served, names, lora={n: adapter_path(n) for n in names})
@@ -125,11 +143,12 @@ def kserve_values(spec: BuildSpec, b: backends.Backend, w: Workload, pushed: dic
     base's name; adapters stay with the image-volume Deployment)."""
     weights = _pin(spec.weights_image(b.name), pushed.get(push.weights_key(b.name), ""))
     served = base_name(spec.served_model_name or "model", mounted_adapters(spec, b.name))
-    if b.serves_gguf(spec):
+    form = weights_format(spec, b)
+    if form == "gguf":
         env = [e for e in w.env if not e["name"].startswith("LLAMA_ARG_MODEL") and e["name"] != "LLAMA_ARG_ALIAS"]
         env += [{"name": "LLAMA_ARG_MODEL", "value": f"{KSERVE_MODELS}/{BASE_GGUF.rsplit('/', 1)[1]}"},
                 {"name": "LLAMA_ARG_ALIAS", "value": served}]  # fmt: skip
-    elif b.weights_suffix == GGML_SUFFIX:  # the GGML file /models/model.ggml, at /mnt/models/model.ggml
+    elif form == "ggml":  # the GGML file /models/model.ggml, at /mnt/models/model.ggml
         env = [e for e in w.env if e["name"] not in (GGML_MODEL[0], "SERVED_MODEL_NAME")]
         env += [{"name": GGML_MODEL[0], "value": f"{KSERVE_MODELS}/{GGML_MODEL[1]}"},
                 {"name": "SERVED_MODEL_NAME", "value": served}]  # fmt: skip
@@ -143,20 +162,9 @@ def kserve_values(spec: BuildSpec, b: backends.Backend, w: Workload, pushed: dic
         "image": w.image,
         "env": [e for e in env if e["name"] not in ("LLAMA_ARG_MODELS_PRESET", "LLAMA_ARG_OFFLINE")],
         "storage_uri": f"oci+native://{weights}",
-        # the model format the ServingRuntime declares (KServe's names: its llama.cpp and Hugging Face runtimes')
-        **model_format(spec, b),
+        **{k: v.format(title=b.title) for k, v in MODEL_FORMATS[form].items()},
         "labels": {k: v for k, v in w.labels.items() if k != "app.kubernetes.io/name"},
     }
-
-
-def model_format(spec: BuildSpec, b: backends.Backend) -> dict[str, str]:
-    """The model format the ServingRuntime declares (KServe's names for its llama.cpp and Hugging Face runtimes';
-    `ggml` for a GGML file, which KServe has no runtime of its own for)."""
-    if b.serves_gguf(spec):
-        return {"format": "gguf", "format_version": "3", "format_title": "GGUF"}
-    if b.weights_suffix == GGML_SUFFIX:
-        return {"format": "ggml", "format_version": "1", "format_title": f"GGML file ({b.title}: model.ggml)"}
-    return {"format": "huggingface", "format_version": "1", "format_title": "Hugging Face folder (model/)"}
 
 
 def render(spec: BuildSpec, names: list[str], pushed: dict[str, str], put) -> list[tuple[str, str]]:
