@@ -103,4 +103,8 @@ def test_compose_config_valid(tmp_path: Path, profiles):
 def test_structure_option_changes_render():
     cuda = render_text(BuildSpec(cuda=True, cuda_architectures="86;90"))["Dockerfile.chatglmcpp"]
     assert "-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=86;90" in cuda
-    assert "-DGGML_CUDA" not in render_text(BuildSpec())["Dockerfile.chatglmcpp"]
+    cpu = render_text(BuildSpec())["Dockerfile.chatglmcpp"]
+    assert "-DGGML_CUDA" not in cpu
+    for dockerfile in (cpu, cuda):  # the wheel compiles the extension alone, from the file the context carries
+        assert "COPY src/builder/runtime/chatglmcpp/extension-only.cmake /opt/" in dockerfile
+        assert 'CMAKE_ARGS="-DCMAKE_PROJECT_INCLUDE=/opt/extension-only.cmake' in dockerfile

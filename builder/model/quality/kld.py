@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import BuilderError
-from builder.model.quality.tools import Cost, Served, ToolRun, binary, run_tool, threads
+from builder.model.quality.tools import Served, ToolRun, binary, run_tool, threads
 
 NUMBER = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|-?inf))"
 
@@ -111,39 +111,18 @@ def _common(ctx: int) -> list[str]:
 
 def save_reference_logits(
     reference: Served, text: Path, logits: Path, ctx: int = 512, chunks: int = 8
-) -> tuple[float | None, ToolRun]:
-    """Run the reference over `text`, saving its log-probabilities to `logits`; returns its PPL (None when
-    the tool's last log lines were lost: see kl_divergence) and the run."""
+) -> tuple[float, ToolRun]:
+    """Run the reference over `text`, saving its log-probabilities to `logits`; returns its PPL and the run."""
     cmd = [str(binary("llama-perplexity")), *reference.args(), "-f", str(text), "--kl-divergence-base", str(logits)]
     cmd += [*_common(ctx), "--chunks", str(chunks)]
     run = run_tool(cmd, f"llama-perplexity on the reference {reference.describe()}")
     if not Path(logits).is_file() or Path(logits).stat().st_size <= 16:
         raise BuilderError(f"llama-perplexity wrote no reference logits to {logits}:\n{_errors(run.output)}")
-    try:
-        return parse_base_output(run.output), run
-    except BuilderError:
-        if re.search(r"error|need at least", run.output, re.I):
-            raise
-        return None, run
+    return parse_base_output(run.output), run
 
 
-def kl_divergence(artifact: Served, logits: Path, ctx: int = 512, attempts: int = 3) -> tuple[KLStats, ToolRun]:
-    """The artifact's statistics against the reference's saved log-probabilities.
-
-    The tools log through a background thread that the pinned llama.cpp deliberately never joins at
-    exit, so on a busy machine the last lines, the statistics among them, can be lost although the
-    run succeeded: such a run is repeated (at most `attempts` times)."""
+def kl_divergence(artifact: Served, logits: Path, ctx: int = 512) -> tuple[KLStats, ToolRun]:
+    """The artifact's statistics against the reference's saved log-probabilities."""
     cmd = [str(binary("llama-perplexity")), *artifact.args(), "--kl-divergence-base", str(logits), "--kl-divergence"]
-    cmd += _common(ctx)
-    spent = Cost()
-    for attempt in range(1, attempts + 1):
-        run = run_tool(cmd, f"llama-perplexity --kl-divergence on {artifact.describe()}")
-        spent.add(run.cost)
-        try:
-            stats = parse_kl_output(run.output)
-        except BuilderError:
-            if attempt == attempts or re.search(r"error|failed|need at least", run.output, re.I):
-                raise
-            continue
-        return stats, ToolRun(run.output, spent)
-    raise AssertionError("unreachable")
+    run = run_tool([*cmd, *_common(ctx)], f"llama-perplexity --kl-divergence on {artifact.describe()}")
+    return parse_kl_output(run.output), run
