@@ -29,10 +29,6 @@ include mk/xinference.mk mk/xllamacpp.mk mk/vllm.mk
 help: ## list targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([^:]+):.*## (.*)/  make \1\t\2/' | sort
 
-# --no-compile: no .pyc for every file of every package at install (half of pip's CPU time for torch and
-# Xinference's dependencies); Python writes them for the modules a process imports, the first time.
-PIP_INSTALL := --disable-pip-version-check -q --no-compile
-
 # The bare venv (python and pip, seconds) on its own: the llama.cpp compile needs only that, so it
 # need not wait for the install below.
 $(VENV)/bin/python:
@@ -45,7 +41,7 @@ CHATGLM_CMAKE_ARGS := $(if $(word 2,$(CURDIR)),,-DCMAKE_PROJECT_INCLUDE=$(CURDIR
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	# torch pinned first: a bare `torch` would pull a multi-GB CUDA build.
 	CMAKE_POLICY_VERSION_MINIMUM=3.5 CMAKE_ARGS='$(CHATGLM_CMAKE_ARGS)' \
-	  $(VENV)/bin/pip install $(PIP_INSTALL) torch==2.13.0 -e '.[test]'
+	  $(VENV)/bin/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed ## create .venv with the project and its test extras
@@ -55,7 +51,7 @@ venv: $(VENV)/.installed ## create .venv with the project and its test extras
 # compile their own. Nothing to do where the full venv is installed and current.
 $(VENV)/.installed-build: pyproject.toml | $(VENV)/bin/python
 	if [ $(VENV)/.installed -nt pyproject.toml ]; then touch $@; else \
-	  $(VENV)/bin/pip install $(PIP_INSTALL) torch==2.13.0 -e '.[build]' && touch $@; fi
+	  $(VENV)/bin/pip install --disable-pip-version-check -q torch==2.13.0 -e '.[build]' && touch $@; fi
 
 # What `make test` needs, as three independent chains run side by side: the project venv (its
 # chatglm-cpp sdist compiles), the Xinference venv then xllamacpp (downloads), and the llama.cpp
@@ -67,12 +63,13 @@ test-setup: venv xinference-venv llamacpp xllamacpp
 # The tests run in TEST_JOBS processes (pytest-xdist), each taking a whole test file at a time, so a
 # file's module fixtures (a trained model, a booted server) are made once. Most tests wait on a server
 # or a tool for part of their time: 2 processes finish in about 2/3 of the time of one on 2 cores.
+# Files go out in collection order (--no-loadscope-reorder), which tests/conftest.py makes slow files first.
 # TEST_JOBS=0 runs them in this process; more suit a bigger machine.
 TEST_JOBS ?= 2
 
 test: ## unit and integration tests (no Docker)
 	$(MAKE) --no-print-directory -j$(SETUP_JOBS) --output-sync=line test-setup
-	$(PYTEST) -q -n $(TEST_JOBS) --dist loadfile
+	$(PYTEST) -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 # The real-model quality measurements (SmolLM2-135M from PyPI + a LoRA trained in the test, four GGUF
 # types, an importance matrix): minutes, so `make test` leaves them out (pytest marker `quality`).

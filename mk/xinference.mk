@@ -26,7 +26,7 @@ $(XINFERENCE_VENV)/.pins-ok: mk/xinference.mk
 	@if [ -x "$(XINFERENCE_PY)" ] && [ -f "$@" ] && [ "$$(cat $@)" = "$(XINFERENCE_PINS)" ]; then touch "$@"; else \
 	  set -ex; \
 	  python3 -m venv "$(XINFERENCE_VENV)"; \
-	  "$(XINFERENCE_PY)" -m pip install $(PIP_INSTALL) $(XINFERENCE_PINS); \
+	  "$(XINFERENCE_PY)" -m pip install -q $(XINFERENCE_PINS); \
 	  "$(XINFERENCE_PY)" -m pip uninstall -y -q torchvision || true; \
 	  "$(XINFERENCE_PY)" -c "import torch, xinference.client, xinference.deploy.local; print('xinference venv:', xinference.__version__, 'torch', torch.__version__)"; \
 	  echo "$(XINFERENCE_PINS)" > "$@"; \

@@ -12,6 +12,6 @@ xllamacpp: $(XLLAMACPP_DIR)/.ok
 
 $(XLLAMACPP_DIR)/.ok: mk/xllamacpp.mk | xinference-venv
 	rm -rf "$(XLLAMACPP_DIR).tmp"
-	"$(XINFERENCE_PY)" -m pip install $(PIP_INSTALL) --no-deps --target "$(XLLAMACPP_DIR).tmp" xllamacpp==$(XLLAMACPP_VERSION)
+	"$(XINFERENCE_PY)" -m pip install -q --disable-pip-version-check --no-deps --target "$(XLLAMACPP_DIR).tmp" xllamacpp==$(XLLAMACPP_VERSION)
 	rm -rf "$(XLLAMACPP_DIR)" && mv "$(XLLAMACPP_DIR).tmp" "$(XLLAMACPP_DIR)"
 	touch "$@"
