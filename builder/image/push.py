@@ -20,7 +20,7 @@ import os
 import re
 import tempfile
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from rich.console import Console
 
@@ -29,7 +29,7 @@ from builder.backends import NAMES as BACKENDS
 from builder.errors import BuilderError
 from builder.image import artifacts
 from builder.image.docker import Docker
-from builder.model.gguf.router import BASE_GGUF, MMPROJ_GGUF, lora_path
+from builder.model.gguf.router import BASE_GGUF, MMPROJ_GGUF, MODELS, lora_path
 from builder.selection import served_adapters
 from builder.spec import BuildSpec
 
@@ -145,13 +145,15 @@ def push_mounted(spec: BuildSpec, docker: Docker, backend: str, workdir: Path = 
     folder = workdir / spec.name
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".artifact-") as tmp:
-        gguf = copy_out(docker, spec.weights_image(backend), BASE_GGUF, Path(tmp) / "model.gguf")
+        # the weights image's one folder: the GGUF, and a vision-language model's mmproj beside it
+        weights = copy_out(docker, spec.weights_image(backend), MODELS, Path(tmp) / "weights")
+        gguf, mmproj = weights / PurePosixPath(BASE_GGUF).name, weights / PurePosixPath(MMPROJ_GGUF).name
         lora_files = {n: copy_out(docker, ref, lora_path(n), Path(tmp) / f"lora-{n}.gguf") for n, ref in loras.items()}
-        # a vision-language model's weights image holds its mmproj beside the GGUF
-        mmproj = copy_out(docker, spec.weights_image(backend), MMPROJ_GGUF, Path(tmp) / "mmproj.gguf", required=False)
         license_file, template = artifacts.model_folder_files(spec)
         created = docker.inspect(spec.weights_image(backend))["Created"]
-        files = artifacts.ModelFiles(gguf, quant, created, lora_files, license_file, template, mmproj)
+        files = artifacts.ModelFiles(
+            gguf, quant, created, lora_files, license_file, template, mmproj if mmproj.is_file() else None
+        )
         for ref, digest in artifacts.push_model(spec, files).items():
             console.print(f"[green]pushed[/] model artifact {ref}@{digest}")
             print(f"{ref}@{digest}")
@@ -160,15 +162,14 @@ def push_mounted(spec: BuildSpec, docker: Docker, backend: str, workdir: Path = 
     return pushed
 
 
-def copy_out(docker: Docker, image: str, path: str, dest: Path, required: bool = True) -> Path | None:
-    """One file of a local image (one with no command: a weights image), copied to `dest`; None when the image
-    has no such file and it is not `required`."""
+def copy_out(docker: Docker, image: str, path: str, dest: Path) -> Path:
+    """One file or folder of a local image (one with no command: a weights image), copied to `dest`."""
     cid = docker.run("create", image, "none").stdout.strip()
     try:
-        copied = docker.run("cp", f"{cid}:{path}", str(dest), check=required).returncode == 0
+        docker.run("cp", f"{cid}:{path}", str(dest))
     finally:
         docker.run("rm", cid, check=False)
-    return dest if copied else None
+    return dest
 
 
 def newest_image(docker: Docker, refs: list[str]) -> str | None:

@@ -128,11 +128,13 @@ class WeightsDocker(FakeDocker):
         if args[0] == "cp":
             self.calls.append(args)
             cid, path = args[1].split(":", 1)
-            source = self.files.get((self.containers[cid], path))
-            if source is None:  # as `docker cp` of a path the image does not have
-                assert not check, f"{path} is not in {self.containers[cid]}"
-                return subprocess.CompletedProcess(args, 1, "", f"Could not find the file {path} in container")
-            shutil.copyfile(source, args[2])
+            image, dest = self.containers[cid], Path(args[2])
+            found = {p: s for (i, p), s in self.files.items() if i == image and (p == path or p.startswith(path + "/"))}
+            assert found, f"{path} is not in {image}"  # `docker cp` fails, which push_mounted does not expect
+            for inside, source in found.items():  # a file to dest, a folder's files under dest
+                target = dest if inside == path else dest / inside[len(path) + 1 :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
             return subprocess.CompletedProcess(args, 0, "", "")
         if args[0] == "rm":
             self.calls.append(args)

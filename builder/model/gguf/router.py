@@ -16,10 +16,11 @@ import re
 
 from builder.errors import BuilderError
 
-BASE_GGUF = "/models/model.gguf"
-MMPROJ_GGUF = "/models/mmproj.gguf"  # a vision-language model's vision tower + projector
-LORA_DIR = "/models/lora"
-PRESET = "/models/preset.ini"
+MODELS = "/models"  # the image's weights folder (what a weights image holds, and an engine mounts)
+BASE_GGUF = f"{MODELS}/model.gguf"
+MMPROJ_GGUF = f"{MODELS}/mmproj.gguf"  # a vision-language model's vision tower + projector
+LORA_DIR = f"{MODELS}/lora"
+PRESET = f"{MODELS}/preset.ini"
 # A section name is a served model name: what spec.SERVED_NAME accepts, and nothing an INI line could misread.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 SHARED = {"no-repack": "true"}  # the [*] section: every child
